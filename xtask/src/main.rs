@@ -1,0 +1,90 @@
+//! `cargo xtask`: what cargo alone can't do. Sets up the eBPF toolchain, then runs the
+//! tracer, the tests or the benchmark, so that a fresh machine needs one command each.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "tcptrace developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install whatever the eBPF build needs (idempotent).
+    Setup,
+    /// Set up, build, and run the tracer; arguments after `--` go to tcptrace.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every test, kernel tests included (needs root).
+    Test {
+        /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt --check and clippy -D warnings on every crate, the eBPF one included.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::ensure_toolchain(true),
+        Task::Run { args } => {
+            setup::ensure_toolchain(false)?;
+            cargo(&["build", "--release", "--package", "tcptrace", "--bin", "tcptrace"])?;
+            let bin = workspace_root().join("target/release/tcptrace");
+            let status = Command::new(&bin).args(&args).status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Test { args } => {
+            setup::ensure_toolchain(false)?;
+            if !setup::is_root() {
+                bail!("the kernel tests load eBPF programs: run `cargo xtask test` as root");
+            }
+            let mut test = vec!["test", "--release", "--workspace"];
+            if !args.is_empty() {
+                test.push("--");
+                test.extend(args.iter().map(String::as_str));
+            }
+            cargo(&test)
+        }
+        Task::Lint => {
+            setup::ensure_toolchain(false)?;
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            ebpf_clippy()
+        }
+    }
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    setup::run(Command::new(env!("CARGO")).args(args).current_dir(workspace_root()))
+}
+
+/// The eBPF crate is linted for its real target, with the nightly toolchain that builds it.
+fn ebpf_clippy() -> Result<()> {
+    setup::run(
+        Command::new("rustup")
+            .args([
+                "run", "nightly", "cargo", "clippy", "--package", "tcptrace-ebpf", "--release",
+                "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings",
+            ])
+            .current_dir(workspace_root()),
+    )
+}
