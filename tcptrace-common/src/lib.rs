@@ -1,0 +1,102 @@
+//! The wire format between the eBPF program and the daemon: one fixed-size `#[repr(C)]`
+//! event per TCP state change, the tracepoint layout the daemon hands to the program, and
+//! the indices of the program's per-CPU counters. Defined once, used by both sides.
+#![no_std]
+
+/// One TCP state change as the kernel program writes it into the ring buffer.
+///
+/// Addresses are in network byte order as the tracepoint stores them; for AF_INET only the
+/// first four bytes of `saddr`/`daddr` are meaningful. Ports are host order (the tracepoint
+/// already converts them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`; reused by the kernel after the socket is freed.
+    pub skaddr: u64,
+    /// Identity of the connection, unique for the program's lifetime even when `skaddr` is
+    /// reused: assigned when a socket starts a life (connect, listen, a new child of a
+    /// listener) or is first seen, and forgotten when it reaches CLOSE.
+    pub conn_id: u64,
+    /// `bpf_get_current_pid_tgid()` of whatever task was running (tgid << 32 | pid).
+    pub pid_tgid: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// `bpf_get_current_comm()`; NUL-padded.
+    pub comm: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    pub oldstate: u8,
+    pub newstate: u8,
+    /// `EVENT_F_*` bits.
+    pub flags: u32,
+    /// CPU the event fired on.
+    pub cpu: u32,
+}
+
+/// Size of [`StateEvent`] on the wire; the decoder checks it.
+pub const STATE_EVENT_SIZE: usize = core::mem::size_of::<StateEvent>();
+
+/// This event gave the socket a new `conn_id` at a transition that starts a life
+/// (CLOSE→SYN_SENT, CLOSE→LISTEN, LISTEN→SYN_RECV).
+pub const EVENT_F_NEW_CONN: u32 = 1 << 0;
+/// The socket was first seen mid-life (it predates the program): its history is partial.
+pub const EVENT_F_MIDLIFE: u32 = 1 << 1;
+/// The connection-identity map was full, so `conn_id` could not be remembered for this
+/// socket; later events of it will look mid-life. Counted in `COUNTER_SOCK_MAP_FULL`.
+pub const EVENT_F_UNTRACKED: u32 = 1 << 2;
+
+/// Byte offsets of the `sock:inet_sock_set_state` fields in the raw tracepoint record,
+/// read by the daemon from tracefs and written into the program's read-only globals before
+/// load. The layout changed across kernels (`protocol` was a u8 before 5.6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointLayout {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    /// 1 or 2 bytes.
+    pub protocol_size: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    /// Nonzero once the daemon filled this in; the program refuses to guess.
+    pub valid: u16,
+    pub _pad: u16,
+}
+
+/// Per-CPU counters kept by the program, indices into its `COUNTERS` array.
+pub const COUNTER_SUBMITTED: u32 = 0;
+/// A ring-buffer reserve failed: the event is lost, and counted here.
+pub const COUNTER_RINGBUF_FULL: u32 = 1;
+/// A read of the tracepoint record failed: the event is lost, and counted here.
+pub const COUNTER_READ_ERROR: u32 = 2;
+/// The connection-identity map was full (see `EVENT_F_UNTRACKED`).
+pub const COUNTER_SOCK_MAP_FULL: u32 = 3;
+pub const COUNTER_COUNT: u32 = 4;
+
+/// Capacity of the kernel map that carries connection identity across a socket's events.
+pub const SOCK_MAP_ENTRIES: u32 = 262_144;
+
+pub const IPPROTO_TCP: u16 = 6;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both are #[repr(C)], contain only integers and arrays of integers, and have
+    // no padding the compiler could leave uninitialised (checked by the size asserts).
+    unsafe impl aya::Pod for super::StateEvent {}
+    unsafe impl aya::Pod for super::TracepointLayout {}
+}
+
+const _: () = assert!(core::mem::size_of::<StateEvent>() == 96);
+const _: () = assert!(core::mem::size_of::<TracepointLayout>() == 28);

@@ -1,0 +1,241 @@
+//! `inet_sock_set_state` → `EVENTS`. Field offsets come from the daemon (read from the live
+//! tracefs `format` file) through the read-only global `LAYOUT`, never from constants.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns,
+    },
+    macros::{map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::error;
+use tcptrace_common::{
+    AF_INET6, COUNTER_COUNT, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL,
+    COUNTER_SUBMITTED, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_UNTRACKED, IPPROTO_TCP,
+    SOCK_MAP_ENTRIES, StateEvent, TracepointLayout,
+};
+
+const TCP_SYN_SENT: u8 = 2;
+const TCP_SYN_RECV: u8 = 3;
+const TCP_CLOSE: u8 = 7;
+const TCP_LISTEN: u8 = 10;
+
+/// Written by the daemon before load (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+static LAYOUT: TracepointLayout = TracepointLayout {
+    skaddr: 0,
+    oldstate: 0,
+    newstate: 0,
+    sport: 0,
+    dport: 0,
+    family: 0,
+    protocol: 0,
+    protocol_size: 0,
+    saddr: 0,
+    daddr: 0,
+    saddr_v6: 0,
+    daddr_v6: 0,
+    valid: 0,
+    _pad: 0,
+};
+
+/// Bytes of unread data above which a submit wakes the reader. Below it the reader is not
+/// woken per event (the expensive part of a ring buffer) and picks the data up on its own
+/// short timer instead, which bounds the latency.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 0;
+
+/// Size is set by the daemon at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Sequence for connection ids, per CPU (the id carries the CPU, so no atomics are needed).
+#[map]
+static ID_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// skaddr → conn_id of the socket's current life. LRU so that sockets whose CLOSE we never
+/// see (lost event, predates us) cannot fill it up.
+#[map]
+static SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(SOCK_MAP_ENTRIES, 0);
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    match try_inet_sock_set_state(&ctx) {
+        Ok(()) => 0,
+        Err(err) => {
+            bump(COUNTER_READ_ERROR);
+            // Rare by construction (a failed read of the tracepoint record): worth a log
+            // line, which costs a second ring-buffer write, only because it is rare.
+            error!(&ctx, "tcptrace: reading the tracepoint record failed: {}", err);
+            0
+        }
+    }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; tracepoint programs don't nest on one CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel of the tracepoint record; offsets from tracefs.
+    unsafe { ctx.read_at::<T>(usize::from(off)) }.map_err(i64::from)
+}
+
+#[inline(always)]
+fn next_conn_id(cpu: u32) -> u64 {
+    let seq = match ID_SEQ.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; tracepoint programs don't nest on one CPU.
+        Some(p) => unsafe {
+            *p += 1;
+            *p
+        },
+        None => 0,
+    };
+    // 12 bits of CPU keep ids unique across CPUs without atomics.
+    (seq << 12) | u64::from(cpu & 0xfff)
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: a plain read of our own read-only global; volatile so the compiler cannot
+    // fold the zero initialiser the daemon overrides.
+    let layout: TracepointLayout = unsafe { core::ptr::read_volatile(&LAYOUT) };
+    if layout.valid == 0 {
+        return Ok(());
+    }
+    let protocol: u16 = if layout.protocol_size == 1 {
+        u16::from(read::<u8>(ctx, layout.protocol)?)
+    } else {
+        read::<u16>(ctx, layout.protocol)?
+    };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+
+    let skaddr: u64 = read(ctx, layout.skaddr)?;
+    let oldstate = read::<i32>(ctx, layout.oldstate)? as u8;
+    let newstate = read::<i32>(ctx, layout.newstate)? as u8;
+    let family: u16 = read(ctx, layout.family)?;
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+
+    let starts_life = (oldstate == TCP_CLOSE && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN))
+        || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
+    let mut flags = 0u32;
+    let conn_id = if starts_life {
+        flags |= EVENT_F_NEW_CONN;
+        let id = next_conn_id(cpu);
+        if newstate != TCP_CLOSE && SOCKS.insert(&skaddr, &id, u64::from(BPF_ANY)).is_err() {
+            flags |= EVENT_F_UNTRACKED;
+            bump(COUNTER_SOCK_MAP_FULL);
+        }
+        id
+    } else {
+        // SAFETY: the value is a plain u64 copied out at once.
+        match unsafe { SOCKS.get(&skaddr) } {
+            Some(id) => *id,
+            None => {
+                flags |= EVENT_F_MIDLIFE;
+                let id = next_conn_id(cpu);
+                if newstate != TCP_CLOSE
+                    && SOCKS.insert(&skaddr, &id, u64::from(BPF_ANY)).is_err()
+                {
+                    flags |= EVENT_F_UNTRACKED;
+                    bump(COUNTER_SOCK_MAP_FULL);
+                }
+                id
+            }
+        }
+    };
+    if newstate == TCP_CLOSE {
+        // This life is over: the next one on this skaddr gets a new id.
+        let _ = SOCKS.remove(&skaddr);
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
+        bump(COUNTER_RINGBUF_FULL);
+        return Ok(());
+    };
+    let ev = entry.as_mut_ptr();
+    let filled = fill(ctx, &layout, ev, skaddr, conn_id, oldstate, newstate, family, flags, cpu);
+    if let Err(e) = filled {
+        entry.discard(0);
+        return Err(e);
+    }
+    let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    // SAFETY: plain read of our own read-only global (see LAYOUT).
+    let wake_at = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    let wake = if avail >= wake_at { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    entry.submit(u64::from(wake));
+    bump(COUNTER_SUBMITTED);
+    Ok(())
+}
+
+#[expect(clippy::too_many_arguments, reason = "one call site, all plain values")]
+#[inline(always)]
+fn fill(
+    ctx: &TracePointContext,
+    layout: &TracepointLayout,
+    ev: *mut StateEvent,
+    skaddr: u64,
+    conn_id: u64,
+    oldstate: u8,
+    newstate: u8,
+    family: u16,
+    flags: u32,
+    cpu: u32,
+) -> Result<(), i64> {
+    let (saddr, daddr) = if family == AF_INET6 {
+        (
+            read::<[u8; 16]>(ctx, layout.saddr_v6)?,
+            read::<[u8; 16]>(ctx, layout.daddr_v6)?,
+        )
+    } else {
+        // The v6 fields of an AF_INET socket are not what we want; copy only the v4 ones.
+        let s: [u8; 4] = read(ctx, layout.saddr)?;
+        let d: [u8; 4] = read(ctx, layout.daddr)?;
+        let mut sa = [0u8; 16];
+        let mut da = [0u8; 16];
+        sa[..4].copy_from_slice(&s);
+        da[..4].copy_from_slice(&d);
+        (sa, da)
+    };
+    let sport: u16 = read(ctx, layout.sport)?;
+    let dport: u16 = read(ctx, layout.dport)?;
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    // SAFETY: `ev` points at a reserved, exclusively owned ring-buffer slot of the right size.
+    unsafe {
+        ev.write(StateEvent {
+            ts_ns: bpf_ktime_get_ns(),
+            skaddr,
+            conn_id,
+            pid_tgid: bpf_get_current_pid_tgid(),
+            saddr,
+            daddr,
+            comm,
+            sport,
+            dport,
+            family,
+            oldstate,
+            newstate,
+            flags,
+            cpu,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
