@@ -1,0 +1,223 @@
+//! The daemon's model of one TCP state change: states by name, addresses by family, and
+//! the owner as the kernel reported it. Everything downstream (engine, rules, sinks) works
+//! on [`Transition`]; nothing downstream sees the wire format.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// TCP states as Linux numbers them (include/net/tcp_states.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+    BoundInactive = 13,
+}
+
+impl TcpState {
+    pub const ALL: [TcpState; 13] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+        TcpState::NewSynRecv,
+        TcpState::BoundInactive,
+    ];
+
+    pub fn from_kernel(n: u8) -> Option<TcpState> {
+        match n {
+            1..=13 => Some(Self::ALL[usize::from(n) - 1]),
+            _ => None,
+        }
+    }
+
+    /// The name `ss`, bcc and the kernel's tracepoint use.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpState::Established => "ESTABLISHED",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::FinWait1 => "FIN_WAIT1",
+            TcpState::FinWait2 => "FIN_WAIT2",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::Listen => "LISTEN",
+            TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+            TcpState::BoundInactive => "BOUND_INACTIVE",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<TcpState> {
+        Self::ALL.into_iter().find(|st| st.name() == s)
+    }
+}
+
+impl serde::Serialize for TcpState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TcpState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        TcpState::from_name(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown TCP state {s:?}")))
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// A task's command name as the kernel keeps it (at most 15 bytes + NUL).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm(pub [u8; 16]);
+
+impl Comm {
+    pub fn new(s: &str) -> Comm {
+        let mut b = [0u8; 16];
+        let n = s.len().min(15);
+        b[..n].copy_from_slice(&s.as_bytes()[..n]);
+        Comm(b)
+    }
+
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.0.iter().position(|&c| c == 0).unwrap_or(self.0.len());
+        String::from_utf8_lossy(&self.0[..end])
+    }
+}
+
+impl fmt::Display for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.as_str())
+    }
+}
+
+impl serde::Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Comm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(Comm::new(&s))
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// The task that was current when the tracepoint fired. In softirq context this is
+/// whatever happened to be running, not necessarily the socket's owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+pub struct Task {
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread id (the kernel's pid).
+    pub tid: u32,
+    pub comm: Comm,
+}
+
+/// One TCP state change of one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Kernel CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Unique per connection for the life of the tracer, even when `skaddr` is reused.
+    pub conn_id: u64,
+    pub skaddr: u64,
+    pub task: Task,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// The kernel program gave this socket a new identity here (connect, listen, new child).
+    pub starts_conn: bool,
+    /// The socket was first seen mid-life: it predates the tracer (or was evicted).
+    pub midlife: bool,
+    pub cpu: u32,
+    /// The socket's owner as recorded in the owner's own context (connect, listen, accept,
+    /// close) by the kernel side, when it knows it. `None` means unknown: never guess from
+    /// `task`, which in softirq is whatever happened to run.
+    pub owner: Option<Task>,
+}
+
+/// An address read by family; an IPv4-mapped IPv6 address is shown as the IPv4 address.
+pub fn ip_from_wire(family_v6: bool, bytes: &[u8; 16]) -> IpAddr {
+    if family_v6 {
+        let v6 = Ipv6Addr::from(*bytes);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    } else {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_by_number_and_name() {
+        for (i, st) in TcpState::ALL.iter().enumerate() {
+            assert_eq!(TcpState::from_kernel(i as u8 + 1), Some(*st));
+            assert_eq!(TcpState::from_name(st.name()), Some(*st));
+        }
+        assert_eq!(TcpState::from_kernel(0), None);
+        assert_eq!(TcpState::from_kernel(14), None);
+        assert_eq!(TcpState::CloseWait.name(), "CLOSE_WAIT");
+        assert_eq!(TcpState::SynSent.to_string(), "SYN_SENT");
+        assert_eq!(format!("{:<12}|", TcpState::Listen), "LISTEN      |");
+    }
+
+    #[test]
+    fn v4_mapped_v6_prints_as_v4_and_v4_ignores_tail_junk() {
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[10, 0, 0, 5]);
+        assert_eq!(ip_from_wire(true, &mapped).to_string(), "10.0.0.5");
+        let lo6 = Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(ip_from_wire(true, &lo6).to_string(), "::1");
+        let mut v4 = [0xAAu8; 16];
+        v4[..4].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(ip_from_wire(false, &v4).to_string(), "127.0.0.1");
+    }
+
+    #[test]
+    fn comm_is_nul_terminated_and_truncated() {
+        assert_eq!(Comm::new("leaky-server").as_str(), "leaky-server");
+        assert_eq!(Comm::new("a-very-long-command-name").as_str(), "a-very-long-com");
+        assert_eq!(Comm::default().as_str(), "");
+    }
+}

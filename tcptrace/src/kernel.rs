@@ -1,0 +1,346 @@
+//! Everything that touches aya and the kernel: privilege checks, loading the embedded eBPF
+//! object with the live tracepoint layout, attaching, reading the ring buffer, and the two
+//! ways events can be lost (ring buffer full, and the kernel skipping the program:
+//! `recursion_misses`). Nothing else in the crate imports aya.
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::{ProgramError, TracePoint};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use aya_log::EbpfLogger;
+use tcptrace_common::{
+    COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED,
+    SOCK_MAP_ENTRIES,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::tracefs::{self, TRACEPOINT_CATEGORY, TRACEPOINT_NAME, TracefsError};
+
+const PROGRAM: &str = "inet_sock_set_state";
+
+/// The object built by build.rs from tcptrace-ebpf, aligned for the ELF parser.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "tcptrace needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE) to load its eBPF program; run it with sudo"
+    )]
+    NotPermitted,
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(
+        "this tcptrace binary was built without its eBPF program (AYA_BUILD_SKIP was set); rebuild it with `cargo xtask run`"
+    )]
+    NoObject,
+    #[error("the kernel rejected the eBPF program ({cause}); verifier's last lines:\n{verifier_tail}")]
+    Verifier { cause: String, verifier_tail: String },
+    #[error(
+        "attaching to the sock:inet_sock_set_state tracepoint failed: {0}; is this a Linux 4.16+ kernel with tracepoints enabled?"
+    )]
+    Attach(String),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(String),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct TracerConfig {
+    /// Ring-buffer size in bytes (a power of two, at least one page).
+    pub ring_bytes: u32,
+    /// Unread bytes above which the kernel wakes the reader; below it the reader polls.
+    pub wakeup_bytes: u64,
+    /// Capacity of the kernel map that carries connection identity.
+    pub sock_map_entries: u32,
+}
+
+impl Default for TracerConfig {
+    fn default() -> Self {
+        TracerConfig {
+            ring_bytes: 32 << 20,
+            wakeup_bytes: 256 << 10,
+            sock_map_entries: SOCK_MAP_ENTRIES,
+        }
+    }
+}
+
+/// Events the kernel side could not deliver, and how many it did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub submitted: u64,
+    /// Ring-buffer reserve failed: the reader fell behind.
+    pub ringbuf_full: u64,
+    pub read_errors: u64,
+    /// Identity map insert failed (the event still went out, flagged).
+    pub sock_map_full: u64,
+    /// The kernel skipped the program (it fired while another BPF program ran on that CPU).
+    pub recursion_misses: u64,
+}
+
+impl KernelCounters {
+    /// Events that happened but never reached the ring buffer.
+    pub fn lost(&self) -> u64 {
+        self.ringbuf_full + self.read_errors + self.recursion_misses
+    }
+}
+
+/// A loaded and attached tracer. Dropping it detaches the program.
+pub struct Tracer {
+    // Field order matters for drop: the ring buffer and maps go before the Ebpf that owns
+    // the program and link.
+    ring: AsyncFd<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+    logger: AsyncFd<EbpfLogger<&'static dyn log::Log>>,
+    prog_fd: std::os::fd::RawFd,
+    _ebpf: Ebpf,
+}
+
+/// Whether the process may load BPF programs: root, or CAP_BPF + CAP_PERFMON.
+pub fn check_privileges() -> Result<(), KernelError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_PERFMON: u64 = 1 << 38;
+    const CAP_BPF: u64 = 1 << 39;
+    if cap_eff & (CAP_BPF | CAP_PERFMON) == CAP_BPF | CAP_PERFMON {
+        Ok(())
+    } else {
+        Err(KernelError::NotPermitted)
+    }
+}
+
+fn is_eperm(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+}
+
+fn verifier_error(e: ProgramError) -> KernelError {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            if is_eperm(&io_error) {
+                return KernelError::NotPermitted;
+            }
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            KernelError::Verifier {
+                cause: io_error.to_string(),
+                verifier_tail: tail,
+            }
+        }
+        other => KernelError::Load(other.to_string()),
+    }
+}
+
+impl Tracer {
+    /// Checks privileges, reads the live tracepoint layout, loads and attaches the program.
+    /// Must be called inside a tokio runtime.
+    pub fn start(cfg: TracerConfig) -> Result<Tracer, KernelError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(KernelError::NoObject);
+        }
+        check_privileges()?;
+        let tracefs = tracefs::find_or_mount()?;
+        let layout = tracefs::read_layout(&tracefs)?;
+
+        // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lifting it is harmless after.
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit with a valid struct; failure only matters on old kernels.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("LAYOUT", &layout, true)
+            .override_global("WAKEUP_BYTES", &cfg.wakeup_bytes, true)
+            .map_max_entries("EVENTS", cfg.ring_bytes)
+            .map_max_entries("SOCKS", cfg.sock_map_entries)
+            .load(EBPF_OBJECT)
+            .map_err(|e| match e {
+                EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if is_eperm(&io_error) =>
+                {
+                    KernelError::NotPermitted
+                }
+                e => KernelError::Load(e.to_string()),
+            })?;
+        // The logger must outlive the program: dropping it closes the log map's fd.
+        let logger = EbpfLogger::init(&mut ebpf).map_err(|e| KernelError::Load(e.to_string()))?;
+        // SAFETY: the logger owns its ring buffer's fd and keeps it open while registered.
+        let logger = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+            .map_err(|e| KernelError::Load(e.into_parts().1.to_string()))?;
+
+        let program: &mut TracePoint = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| KernelError::Load(format!("program {PROGRAM} missing from the object")))?
+            .try_into()
+            .map_err(|e: ProgramError| KernelError::Load(e.to_string()))?;
+        program.load().map_err(verifier_error)?;
+        program
+            .attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)
+            .map_err(|e| KernelError::Attach(e.to_string()))?;
+        let prog_fd = program
+            .fd()
+            .map_err(|e| KernelError::Load(e.to_string()))?
+            .as_fd()
+            .as_raw_fd();
+
+        let ring = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or_else(|| KernelError::Load("map EVENTS missing".into()))?,
+        )
+        .map_err(|e| KernelError::Load(e.to_string()))?;
+        // SAFETY: the RingBuf owns the map fd and keeps it open while registered.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| KernelError::Load(e.into_parts().1.to_string()))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("COUNTERS")
+                .ok_or_else(|| KernelError::Load("map COUNTERS missing".into()))?,
+        )
+        .map_err(|e| KernelError::Load(e.to_string()))?;
+        Ok(Tracer {
+            ring,
+            counters,
+            logger,
+            prog_fd,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Waits until the kernel wakes the reader (enough unread data) or `timeout` passes.
+    /// Either way the caller then drains: below the wake-up threshold nothing wakes us, so
+    /// the timeout is what bounds the latency of a lone event.
+    pub async fn wait(&self, timeout: std::time::Duration) {
+        if let Ok(Ok(mut guard)) = tokio::time::timeout(timeout, self.ring.readable()).await {
+            guard.clear_ready();
+        }
+    }
+
+    /// Hands every pending event's bytes to `f`, returns how many. Never blocks.
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let ring = self.ring.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            f(&item);
+            n += 1;
+        }
+        n
+    }
+
+    /// Forwards the eBPF program's own diagnostics (aya-log) to the daemon's log.
+    pub fn flush_logs(&mut self) {
+        self.logger.get_mut().flush();
+    }
+
+    /// Current kernel-side counters, summed over CPUs.
+    pub fn counters(&self) -> KernelCounters {
+        let sum = |i: u32| -> u64 {
+            self.counters
+                .get(&i, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        KernelCounters {
+            submitted: sum(COUNTER_SUBMITTED),
+            ringbuf_full: sum(COUNTER_RINGBUF_FULL),
+            read_errors: sum(COUNTER_READ_ERROR),
+            sock_map_full: sum(COUNTER_SOCK_MAP_FULL),
+            recursion_misses: prog_info(self.prog_fd).map(|i| i.recursion_misses).unwrap_or(0),
+        }
+    }
+
+    /// The program's kernel info (id, name, run stats, recursion misses).
+    pub fn program_info(&self) -> std::io::Result<ProgInfo> {
+        prog_info(self.prog_fd)
+    }
+}
+
+/// The fields of the kernel's `struct bpf_prog_info` (uapi/linux/bpf.h) that aya 0.14 does
+/// not expose: `recursion_misses` in particular.
+#[derive(Clone, Debug, Default)]
+pub struct ProgInfo {
+    pub id: u32,
+    pub name: String,
+    pub run_cnt: u64,
+    pub recursion_misses: u64,
+}
+
+fn prog_info(fd: std::os::fd::RawFd) -> std::io::Result<ProgInfo> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // Offsets in struct bpf_prog_info, stable uapi (recursion_misses since 5.12).
+    const OFF_ID: usize = 4;
+    const OFF_NAME: usize = 64;
+    const OFF_RUN_CNT: usize = 200;
+    const OFF_RECURSION_MISSES: usize = 208;
+    #[repr(C, align(8))]
+    struct Info([u8; 256]);
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = Info([0; 256]);
+    let mut attr = GetInfo {
+        bpf_fd: fd as u32,
+        info_len: 256,
+        info: info.0.as_mut_ptr() as u64,
+    };
+    // SAFETY: bpf(2) with a correctly sized attr pointing at a buffer we own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut GetInfo,
+            std::mem::size_of::<GetInfo>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let b = &info.0;
+    let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    let name = &b[OFF_NAME..OFF_NAME + 16];
+    let end = name.iter().position(|&c| c == 0).unwrap_or(16);
+    let len = attr.info_len as usize;
+    Ok(ProgInfo {
+        id: u32::from_ne_bytes(b[OFF_ID..OFF_ID + 4].try_into().expect("4 bytes")),
+        name: String::from_utf8_lossy(&name[..end]).into_owned(),
+        run_cnt: if len >= OFF_RUN_CNT + 8 { u64_at(OFF_RUN_CNT) } else { 0 },
+        recursion_misses: if len >= OFF_RECURSION_MISSES + 8 {
+            u64_at(OFF_RECURSION_MISSES)
+        } else {
+            0
+        },
+    })
+}
+
+/// CLOCK_MONOTONIC now, the clock of the kernel's `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Nanoseconds to add to a CLOCK_MONOTONIC timestamp to get wall-clock (Unix) time.
+pub fn wall_offset_ns() -> i128 {
+    i128::from(clock_ns(libc::CLOCK_REALTIME)) - i128::from(clock_ns(libc::CLOCK_MONOTONIC))
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid clock id and timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

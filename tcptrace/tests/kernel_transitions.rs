@@ -1,0 +1,209 @@
+//! Kernel tests of the raw transition stream: the real program, real loopback connections,
+//! the exact transitions of the sockets each test made (filtered by its ports).
+
+mod common;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use tcptrace::event::TcpState::{self, *};
+use tcptrace::event::Transition;
+
+const CLIENT: [TcpState; 6] = [Close, SynSent, Established, FinWait1, FinWait2, Close];
+const SERVER: [TcpState; 6] = [Listen, SynRecv, Established, CloseWait, LastAck, Close];
+const LISTENER: [TcpState; 3] = [Close, Listen, Close];
+
+/// One connection where the client closes first; returns (listen port, client port).
+fn client_closes_first(bind: &str) -> (u16, u16) {
+    let listener = TcpListener::bind(bind).expect("bind listener");
+    let addr = listener.local_addr().expect("listener addr");
+    let client = TcpStream::connect(addr).expect("connect");
+    let (mut server, _) = listener.accept().expect("accept");
+    let cport = client.local_addr().expect("client addr").port();
+    drop(client);
+    let mut buf = [0u8; 16];
+    assert_eq!(server.read(&mut buf).expect("server read"), 0, "server expects EOF");
+    drop(server);
+    drop(listener);
+    (addr.port(), cport)
+}
+
+fn ours(port: u16) -> impl Fn(&Transition) -> bool {
+    move |t| t.local.port() == port || t.remote.port() == port
+}
+
+/// Classifies the test's three sockets by their first transition.
+fn check_three_sockets(events: &[Transition], port: u16, cport: u16, family_v6: bool) {
+    let conns = by_conn(events);
+    assert_eq!(conns.len(), 3, "expected client, server and listener:\n{}", show(events));
+    let mut seen = (false, false, false);
+    for evs in conns.values() {
+        let p = path(evs);
+        for t in evs {
+            assert_eq!(t.local.is_ipv6() || t.remote.is_ipv6(), family_v6, "family of\n{}", show(evs));
+        }
+        match (evs[0].old, evs[0].new) {
+            (Close, SynSent) => {
+                assert_eq!(p, CLIENT, "client path:\n{}", show(evs));
+                assert_eq!(evs[0].remote.port(), port);
+                // Later events carry the real local port (SYN_SENT has 0).
+                assert_eq!(evs.last().unwrap().local.port(), cport);
+                seen.0 = true;
+            }
+            (Listen, SynRecv) => {
+                assert_eq!(p, SERVER, "server path:\n{}", show(evs));
+                assert_eq!(evs.last().unwrap().remote.port(), cport);
+                seen.1 = true;
+            }
+            (Close, Listen) => {
+                assert_eq!(p, LISTENER, "listener path:\n{}", show(evs));
+                seen.2 = true;
+            }
+            other => panic!("unexpected first transition {other:?}:\n{}", show(evs)),
+        }
+        assert!(evs[0].starts_conn, "first event starts the connection:\n{}", show(evs));
+        assert!(evs.iter().all(|t| !t.midlife), "no socket predates the test:\n{}", show(evs));
+    }
+    assert_eq!(seen, (true, true, true), "{}", show(events));
+}
+
+fn run_one(bind: &str, v6: bool) {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    runtime().block_on(async {
+        let mut tracer = start_tracer();
+        let (port, cport) = client_closes_first(bind);
+        let events = collect(
+            &mut tracer,
+            ours(port),
+            |e| e.len() >= 5 + 5 + 2,
+            Duration::from_secs(5),
+        )
+        .await;
+        check_three_sockets(&events, port, cport, v6);
+        // Addresses are read by family: loopback, never junk from the other family's fields.
+        let lo: std::net::IpAddr = if v6 { "::1".parse().unwrap() } else { "127.0.0.1".parse().unwrap() };
+        for t in events.iter().filter(|t| t.old == Established) {
+            assert_eq!((t.local.ip(), t.remote.ip()), (lo, lo), "{}", show(&events));
+        }
+        assert_no_loss(&tracer.counters());
+    });
+}
+
+#[test]
+fn ipv4_client_closes_first_exact_transitions() {
+    run_one("127.0.0.1:0", false);
+}
+
+#[test]
+fn ipv6_client_closes_first_exact_transitions() {
+    run_one("[::1]:0", true);
+}
+
+#[test]
+fn refused_connect_is_syn_sent_then_close() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    runtime().block_on(async {
+        // A port that nobody listens on: bind one, note it, close it.
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut tracer = start_tracer();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let err = TcpStream::connect(addr).expect_err("nothing listens there");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        let events = collect(&mut tracer, ours(port), |e| e.len() >= 2, Duration::from_secs(5)).await;
+        let conns = by_conn(&events);
+        assert_eq!(conns.len(), 1, "{}", show(&events));
+        let evs = conns.values().next().unwrap();
+        assert_eq!(path(evs), [Close, SynSent, Close], "{}", show(evs));
+        assert_no_loss(&tracer.counters());
+    });
+}
+
+#[test]
+fn thousand_back_to_back_connections_are_complete_and_never_merged() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    const N: usize = 1000;
+    runtime().block_on(async {
+        let mut tracer = start_tracer();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut cports = Vec::with_capacity(N);
+        let mut events = Vec::new();
+        for i in 0..N {
+            let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let (mut server, _) = listener.accept().unwrap();
+            cports.push(client.local_addr().unwrap().port());
+            drop(client);
+            let mut buf = [0u8; 1];
+            assert_eq!(server.read(&mut buf).unwrap(), 0);
+            drop(server);
+            if i % 100 == 99 {
+                // Keep draining as we go, as the daemon does.
+                events.extend(collect(&mut tracer, ours(port), |_| true, Duration::ZERO).await);
+            }
+        }
+        drop(listener);
+        let expected = N * 10 + 2;
+        events.extend(
+            collect(&mut tracer, ours(port), |e| e.len() + events.len() >= expected, Duration::from_secs(10)).await,
+        );
+        let counters = tracer.counters();
+        assert_no_loss(&counters);
+        assert_eq!(events.len(), expected, "every transition of {N} connections arrives");
+
+        let conns = by_conn(&events);
+        assert_eq!(conns.len(), 2 * N + 1, "one identity per socket life, none merged");
+        let (mut clients, mut servers, mut skaddrs) = (0, 0, std::collections::HashSet::new());
+        for evs in conns.values() {
+            skaddrs.insert(evs[0].skaddr);
+            assert!(evs.iter().all(|t| t.skaddr == evs[0].skaddr), "one socket per identity");
+            match path(evs).as_slice() {
+                p if p == CLIENT => clients += 1,
+                p if p == SERVER => servers += 1,
+                p if p == LISTENER => {}
+                p => panic!("incomplete or merged lifecycle {p:?}:\n{}", show(evs)),
+            }
+        }
+        assert_eq!((clients, servers), (N, N));
+        // The kernel reuses struct sock addresses; identities must survive that.
+        assert!(
+            skaddrs.len() < 2 * N + 1,
+            "expected skaddr reuse across {N} connections, saw {} distinct addresses",
+            skaddrs.len()
+        );
+        println!(
+            "{} connections: {} events, {} distinct skaddrs for {} identities, counters {counters:?}",
+            N, events.len(), skaddrs.len(), conns.len()
+        );
+    });
+}
+
+#[test]
+fn program_info_and_counters_are_read_from_the_kernel() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    runtime().block_on(async {
+        let mut tracer = start_tracer();
+        let info = tracer.program_info().expect("bpf_prog_info");
+        // The kernel truncates program names to 15 bytes.
+        assert_eq!(info.name, "inet_sock_set_s");
+        assert!(info.id > 0);
+        let (port, _) = client_closes_first("127.0.0.1:0");
+        let events = collect(&mut tracer, ours(port), |e| e.len() >= 12, Duration::from_secs(5)).await;
+        assert_eq!(events.len(), 12);
+        let c = tracer.counters();
+        assert!(c.submitted >= 12, "the program counts what it submits: {c:?}");
+    });
+}
