@@ -35,6 +35,45 @@ pub struct StateEvent {
     pub flags: u32,
     /// CPU the event fired on.
     pub cpu: u32,
+    /// The socket's owner, recorded in the owner's own context (connect, listen, accept,
+    /// close); valid when `EVENT_F_OWNER_KNOWN` is set. Unlike `pid_tgid`/`comm`, which
+    /// name whatever task ran when the event fired (often a softirq's random victim).
+    pub owner: Owner,
+}
+
+/// The process that owns a socket, as seen from inside that process's own system call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub tgid: u32,
+    pub pid: u32,
+    pub uid: u32,
+    /// `OWNER_SRC_*`: which call the owner was recorded at.
+    pub source: u32,
+    /// cgroup v2 id of the owner (`bpf_get_current_cgroup_id`).
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+}
+
+pub const OWNER_SRC_NONE: u32 = 0;
+pub const OWNER_SRC_CONNECT: u32 = 1;
+pub const OWNER_SRC_LISTEN: u32 = 2;
+pub const OWNER_SRC_CLOSE: u32 = 3;
+
+/// What the kernel keeps per live socket (key: skaddr): identity, owner and last tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockInfo {
+    pub conn_id: u64,
+    pub owner: Owner,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    /// 1 for a listener's child whose owner is not known yet (no accept seen).
+    pub unaccepted: u8,
+    pub _pad: [u8; 9],
 }
 
 /// Size of [`StateEvent`] on the wire; the decoder checks it.
@@ -48,6 +87,11 @@ pub const EVENT_F_MIDLIFE: u32 = 1 << 1;
 /// The connection-identity map was full, so `conn_id` could not be remembered for this
 /// socket; later events of it will look mid-life. Counted in `COUNTER_SOCK_MAP_FULL`.
 pub const EVENT_F_UNTRACKED: u32 = 1 << 2;
+/// `owner` is valid.
+pub const EVENT_F_OWNER_KNOWN: u32 = 1 << 3;
+/// A listener's child that no process has accepted yet (it sits in the accept queue).
+pub const EVENT_F_UNACCEPTED: u32 = 1 << 4;
+
 
 /// Byte offsets of the `sock:inet_sock_set_state` fields in the raw tracepoint record,
 /// read by the daemon from tracefs and written into the program's read-only globals before
@@ -83,8 +127,10 @@ pub const COUNTER_READ_ERROR: u32 = 2;
 pub const COUNTER_SOCK_MAP_FULL: u32 = 3;
 pub const COUNTER_COUNT: u32 = 4;
 
-/// Capacity of the kernel map that carries connection identity across a socket's events.
-pub const SOCK_MAP_ENTRIES: u32 = 262_144;
+/// Default capacity of the kernel map that carries identity and owner across a socket's
+/// events (~130 bytes each, preallocated); `--max-sockets` changes it at load time.
+pub const SOCK_MAP_ENTRIES: u32 = 131_072;
+
 
 pub const IPPROTO_TCP: u16 = 6;
 pub const AF_INET: u16 = 2;
@@ -96,7 +142,10 @@ mod user {
     // no padding the compiler could leave uninitialised (checked by the size asserts).
     unsafe impl aya::Pod for super::StateEvent {}
     unsafe impl aya::Pod for super::TracepointLayout {}
+    unsafe impl aya::Pod for super::SockInfo {}
 }
 
-const _: () = assert!(core::mem::size_of::<StateEvent>() == 96);
+const _: () = assert!(core::mem::size_of::<StateEvent>() == 136);
+const _: () = assert!(core::mem::size_of::<Owner>() == 40);
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 96);
 const _: () = assert!(core::mem::size_of::<TracepointLayout>() == 28);

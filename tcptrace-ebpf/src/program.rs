@@ -1,11 +1,13 @@
-//! `inet_sock_set_state` → `EVENTS`. Field offsets come from the daemon (read from the live
-//! tracefs `format` file) through the read-only global `LAYOUT`, never from constants.
+//! `inet_sock_set_state` → `EVENTS`. Every connection gets an identity that survives
+//! `struct sock` reuse and an owner recorded in the owner's own context, both kept in
+//! `SOCKS` and stamped on every event of the connection. Field offsets come from the
+//! daemon (read from the live tracefs `format` file) through the read-only global `LAYOUT`.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -14,13 +16,19 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use tcptrace_common::{
     AF_INET6, COUNTER_COUNT, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL,
-    COUNTER_SUBMITTED, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_UNTRACKED, IPPROTO_TCP,
-    SOCK_MAP_ENTRIES, StateEvent, TracepointLayout,
+    COUNTER_SUBMITTED, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN,
+    EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED, IPPROTO_TCP,
+    OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_NONE, Owner,
+    SOCK_MAP_ENTRIES, SockInfo, StateEvent, TracepointLayout,
 };
 
+const TCP_ESTABLISHED: u8 = 1;
 const TCP_SYN_SENT: u8 = 2;
 const TCP_SYN_RECV: u8 = 3;
+const TCP_FIN_WAIT1: u8 = 4;
 const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
 const TCP_LISTEN: u8 = 10;
 
 /// Written by the daemon before load (`EbpfLoader::override_global`).
@@ -59,29 +67,15 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 #[map]
 static ID_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// skaddr → conn_id of the socket's current life. LRU so that sockets whose CLOSE we never
-/// see (lost event, predates us) cannot fill it up.
+/// skaddr → identity, owner and tuple of the socket's current life. LRU so that sockets
+/// whose CLOSE we never see (lost event, predates us) cannot fill it up.
 #[map]
-static SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(SOCK_MAP_ENTRIES, 0);
-
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    match try_inet_sock_set_state(&ctx) {
-        Ok(()) => 0,
-        Err(err) => {
-            bump(COUNTER_READ_ERROR);
-            // Rare by construction (a failed read of the tracepoint record): worth a log
-            // line, which costs a second ring-buffer write, only because it is rare.
-            error!(&ctx, "tcptrace: reading the tracepoint record failed: {}", err);
-            0
-        }
-    }
-}
+static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(SOCK_MAP_ENTRIES, 0);
 
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot; tracepoint programs don't nest on one CPU.
+        // SAFETY: per-CPU slot; our programs don't nest on one CPU.
         unsafe { *c += 1 };
     }
 }
@@ -95,7 +89,7 @@ fn read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i64> {
 #[inline(always)]
 fn next_conn_id(cpu: u32) -> u64 {
     let seq = match ID_SEQ.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot; tracepoint programs don't nest on one CPU.
+        // SAFETY: per-CPU slot; our programs don't nest on one CPU.
         Some(p) => unsafe {
             *p += 1;
             *p
@@ -104,6 +98,54 @@ fn next_conn_id(cpu: u32) -> u64 {
     };
     // 12 bits of CPU keep ids unique across CPUs without atomics.
     (seq << 12) | u64::from(cpu & 0xfff)
+}
+
+/// The current task as an owner, or None for kernel context (no process to name).
+#[inline(always)]
+fn current_owner(source: u32) -> Option<Owner> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == 0 {
+        return None;
+    }
+    Some(Owner {
+        tgid,
+        pid: pid_tgid as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        source,
+        // SAFETY: helper without arguments, allowed for tracing programs.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+    })
+}
+
+/// Which transitions run in the owner's own system call, so `current` is the owner:
+/// connect(), listen(), and close()/shutdown() (→FIN_WAIT1, CLOSE_WAIT→LAST_ACK). Every
+/// other transition may fire in softirq on behalf of whatever task was interrupted.
+#[inline(always)]
+fn owner_source(old: u8, new: u8) -> u32 {
+    match (old, new) {
+        (TCP_CLOSE, TCP_SYN_SENT) => OWNER_SRC_CONNECT,
+        (TCP_CLOSE, TCP_LISTEN) => OWNER_SRC_LISTEN,
+        (TCP_ESTABLISHED | TCP_SYN_RECV, TCP_FIN_WAIT1) | (TCP_CLOSE_WAIT, TCP_LAST_ACK) => {
+            OWNER_SRC_CLOSE
+        }
+        _ => OWNER_SRC_NONE,
+    }
+}
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    match try_inet_sock_set_state(&ctx) {
+        Ok(()) => 0,
+        Err(err) => {
+            bump(COUNTER_READ_ERROR);
+            // Rare by construction (a failed read of the tracepoint record): worth a log
+            // line, which costs a second ring-buffer write, only because it is rare.
+            error!(&ctx, "tcptrace: reading the tracepoint record failed: {}", err);
+            0
+        }
+    }
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
@@ -123,77 +165,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     }
 
     let skaddr: u64 = read(ctx, layout.skaddr)?;
-    let oldstate = read::<i32>(ctx, layout.oldstate)? as u8;
-    let newstate = read::<i32>(ctx, layout.newstate)? as u8;
+    let old = read::<i32>(ctx, layout.oldstate)? as u8;
+    let new = read::<i32>(ctx, layout.newstate)? as u8;
     let family: u16 = read(ctx, layout.family)?;
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-
-    let starts_life = (oldstate == TCP_CLOSE && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN))
-        || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
-    let mut flags = 0u32;
-    let conn_id = if starts_life {
-        flags |= EVENT_F_NEW_CONN;
-        let id = next_conn_id(cpu);
-        if newstate != TCP_CLOSE && SOCKS.insert(&skaddr, &id, u64::from(BPF_ANY)).is_err() {
-            flags |= EVENT_F_UNTRACKED;
-            bump(COUNTER_SOCK_MAP_FULL);
-        }
-        id
-    } else {
-        // SAFETY: the value is a plain u64 copied out at once.
-        match unsafe { SOCKS.get(&skaddr) } {
-            Some(id) => *id,
-            None => {
-                flags |= EVENT_F_MIDLIFE;
-                let id = next_conn_id(cpu);
-                if newstate != TCP_CLOSE
-                    && SOCKS.insert(&skaddr, &id, u64::from(BPF_ANY)).is_err()
-                {
-                    flags |= EVENT_F_UNTRACKED;
-                    bump(COUNTER_SOCK_MAP_FULL);
-                }
-                id
-            }
-        }
-    };
-    if newstate == TCP_CLOSE {
-        // This life is over: the next one on this skaddr gets a new id.
-        let _ = SOCKS.remove(&skaddr);
-    }
-
-    let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
-        bump(COUNTER_RINGBUF_FULL);
-        return Ok(());
-    };
-    let ev = entry.as_mut_ptr();
-    let filled = fill(ctx, &layout, ev, skaddr, conn_id, oldstate, newstate, family, flags, cpu);
-    if let Err(e) = filled {
-        entry.discard(0);
-        return Err(e);
-    }
-    let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    // SAFETY: plain read of our own read-only global (see LAYOUT).
-    let wake_at = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
-    let wake = if avail >= wake_at { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
-    entry.submit(u64::from(wake));
-    bump(COUNTER_SUBMITTED);
-    Ok(())
-}
-
-#[expect(clippy::too_many_arguments, reason = "one call site, all plain values")]
-#[inline(always)]
-fn fill(
-    ctx: &TracePointContext,
-    layout: &TracepointLayout,
-    ev: *mut StateEvent,
-    skaddr: u64,
-    conn_id: u64,
-    oldstate: u8,
-    newstate: u8,
-    family: u16,
-    flags: u32,
-    cpu: u32,
-) -> Result<(), i64> {
     let (saddr, daddr) = if family == AF_INET6 {
         (
             read::<[u8; 16]>(ctx, layout.saddr_v6)?,
@@ -211,27 +185,89 @@ fn fill(
     };
     let sport: u16 = read(ctx, layout.sport)?;
     let dport: u16 = read(ctx, layout.dport)?;
-    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
-    // SAFETY: `ev` points at a reserved, exclusively owned ring-buffer slot of the right size.
-    unsafe {
-        ev.write(StateEvent {
-            ts_ns: bpf_ktime_get_ns(),
-            skaddr,
-            conn_id,
-            pid_tgid: bpf_get_current_pid_tgid(),
-            saddr,
-            daddr,
-            comm,
-            sport,
-            dport,
-            family,
-            oldstate,
-            newstate,
-            flags,
-            cpu,
-        });
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+
+    let source = owner_source(old, new);
+    let starts_life = (old == TCP_CLOSE && (new == TCP_SYN_SENT || new == TCP_LISTEN))
+        || (old == TCP_LISTEN && new == TCP_SYN_RECV);
+    let mut flags = 0u32;
+    let existing = if starts_life { None } else { SOCKS.get_ptr_mut(&skaddr) };
+    let mut info = match existing {
+        // SAFETY: a map value we hold no other reference to; copied out.
+        Some(p) => unsafe { *p },
+        None => {
+            flags |= if starts_life { EVENT_F_NEW_CONN } else { EVENT_F_MIDLIFE };
+            SockInfo {
+                conn_id: next_conn_id(cpu),
+                unaccepted: u8::from(old == TCP_LISTEN && new == TCP_SYN_RECV),
+                ..SockInfo::default()
+            }
+        }
+    };
+    if source != OWNER_SRC_NONE {
+        if let Some(owner) = current_owner(source) {
+            info.owner = owner;
+        }
     }
+    info.saddr = saddr;
+    info.daddr = daddr;
+    info.sport = sport;
+    info.dport = dport;
+    info.family = family;
+
+    if new == TCP_CLOSE {
+        // This life is over: the next one on this skaddr gets a new identity.
+        let _ = SOCKS.remove(&skaddr);
+    } else if let Some(p) = existing {
+        // SAFETY: same map value as above, still ours for this program run.
+        unsafe { *p = info };
+    } else if SOCKS.insert(&skaddr, &info, u64::from(BPF_ANY)).is_err() {
+        flags |= EVENT_F_UNTRACKED;
+        bump(COUNTER_SOCK_MAP_FULL);
+    }
+    emit(&info, skaddr, old, new, flags, cpu);
     Ok(())
+}
+
+/// Writes one event for the connection `info` into the ring buffer (or counts its loss).
+#[inline(always)]
+fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32) {
+    if info.owner.source != OWNER_SRC_NONE {
+        flags |= EVENT_F_OWNER_KNOWN;
+    }
+    if info.unaccepted != 0 {
+        flags |= EVENT_F_UNACCEPTED;
+    }
+    let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
+        bump(COUNTER_RINGBUF_FULL);
+        return;
+    };
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    entry.write(StateEvent {
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr,
+        conn_id: info.conn_id,
+        pid_tgid: bpf_get_current_pid_tgid(),
+        saddr: info.saddr,
+        daddr: info.daddr,
+        comm,
+        sport: info.sport,
+        dport: info.dport,
+        family: info.family,
+        oldstate: old,
+        newstate: new,
+        flags,
+        cpu,
+        owner: info.owner,
+    });
+    let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    // SAFETY: plain read of our own read-only global (see LAYOUT).
+    let wake_at = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    let wake = if avail >= wake_at { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    entry.submit(u64::from(wake));
+    bump(COUNTER_SUBMITTED);
 }
 
 #[cfg(not(test))]

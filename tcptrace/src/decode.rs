@@ -5,7 +5,8 @@ use std::mem::offset_of;
 use std::net::SocketAddr;
 
 use tcptrace_common::{
-    AF_INET, AF_INET6, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, STATE_EVENT_SIZE, StateEvent,
+    AF_INET, AF_INET6, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN, Owner,
+    STATE_EVENT_SIZE, StateEvent,
 };
 
 use crate::event::{Comm, Task, TcpState, Transition, ip_from_wire};
@@ -78,7 +79,14 @@ pub fn decode(buf: &[u8]) -> Result<Transition, DecodeError> {
         starts_conn: flags & EVENT_F_NEW_CONN != 0,
         midlife: flags & EVENT_F_MIDLIFE != 0,
         cpu: u32_at(buf, offset_of!(StateEvent, cpu)),
-        owner: None,
+        owner: (flags & EVENT_F_OWNER_KNOWN != 0).then(|| {
+            let o = offset_of!(StateEvent, owner);
+            Task {
+                pid: u32_at(buf, o + offset_of!(Owner, tgid)),
+                tid: u32_at(buf, o + offset_of!(Owner, pid)),
+                comm: Comm(arr16(buf, o + offset_of!(Owner, comm))),
+            }
+        }),
     })
 }
 
@@ -120,6 +128,7 @@ mod tests {
             newstate: 1,
             flags: EVENT_F_NEW_CONN,
             cpu: 1,
+            owner: Owner::default(),
         }
     }
 
@@ -136,7 +145,27 @@ mod tests {
         assert_eq!((t.old, t.new), (TcpState::SynSent, TcpState::Established));
         assert!(t.starts_conn && !t.midlife);
         assert_eq!(t.cpu, 1);
-        assert_eq!(t.owner, None);
+        assert_eq!(t.owner, None, "no owner unless the kernel says it knows it");
+    }
+
+    #[test]
+    fn decodes_the_owner_when_the_kernel_knows_it() {
+        let mut ev = sample();
+        ev.flags |= EVENT_F_OWNER_KNOWN;
+        ev.owner = Owner {
+            tgid: 900,
+            pid: 901,
+            uid: 1000,
+            source: tcptrace_common::OWNER_SRC_CONNECT,
+            cgroup_id: 77,
+            comm: *b"leaky-server\0\0\0\0",
+        };
+        let t = decode(&encode(&ev)).expect("valid event");
+        let owner = t.owner.expect("owner known");
+        assert_eq!((owner.pid, owner.tid), (900, 901));
+        assert_eq!(owner.comm.as_str(), "leaky-server");
+        // The task that happened to run stays what it was.
+        assert_eq!(t.task.pid, 4242);
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub struct TracerConfig {
     pub ring_bytes: u32,
     /// Unread bytes above which the kernel wakes the reader; below it the reader polls.
     pub wakeup_bytes: u64,
-    /// Capacity of the kernel map that carries connection identity.
+    /// Capacity of the kernel map that carries connection identity and owner.
     pub sock_map_entries: u32,
 }
 
@@ -91,7 +91,8 @@ pub struct Tracer {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     logger: AsyncFd<EbpfLogger<&'static dyn log::Log>>,
-    prog_fd: std::os::fd::RawFd,
+    /// Every attached program (recursion misses are summed over them).
+    prog_fds: Vec<std::os::fd::RawFd>,
     _ebpf: Ebpf,
 }
 
@@ -189,12 +190,13 @@ impl Tracer {
         program
             .attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)
             .map_err(|e| KernelError::Attach(e.to_string()))?;
-        let prog_fd = program
-            .fd()
-            .map_err(|e| KernelError::Load(e.to_string()))?
-            .as_fd()
-            .as_raw_fd();
-
+        let mut prog_fds = vec![
+            program
+                .fd()
+                .map_err(|e| KernelError::Load(e.to_string()))?
+                .as_fd()
+                .as_raw_fd(),
+        ];
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
                 .ok_or_else(|| KernelError::Load("map EVENTS missing".into()))?,
@@ -212,7 +214,7 @@ impl Tracer {
             ring,
             counters,
             logger,
-            prog_fd,
+            prog_fds,
             _ebpf: ebpf,
         })
     }
@@ -255,14 +257,20 @@ impl Tracer {
             ringbuf_full: sum(COUNTER_RINGBUF_FULL),
             read_errors: sum(COUNTER_READ_ERROR),
             sock_map_full: sum(COUNTER_SOCK_MAP_FULL),
-            recursion_misses: prog_info(self.prog_fd).map(|i| i.recursion_misses).unwrap_or(0),
+            recursion_misses: self
+                .prog_fds
+                .iter()
+                .filter_map(|fd| prog_info(*fd).ok())
+                .map(|i| i.recursion_misses)
+                .sum(),
         }
     }
 
-    /// The program's kernel info (id, name, run stats, recursion misses).
+    /// The tracepoint program's kernel info (id, name, run stats, recursion misses).
     pub fn program_info(&self) -> std::io::Result<ProgInfo> {
-        prog_info(self.prog_fd)
+        prog_info(self.prog_fds[0])
     }
+
 }
 
 /// The fields of the kernel's `struct bpf_prog_info` (uapi/linux/bpf.h) that aya 0.14 does

@@ -207,3 +207,77 @@ fn program_info_and_counters_are_read_from_the_kernel() {
         assert!(c.submitted >= 12, "the program counts what it submits: {c:?}");
     });
 }
+
+/// The owner is recorded where the kernel runs in the owner's own system call (connect,
+/// listen, close) and stamped on every later event, softirq ones included; before that
+/// it is unknown, never a guess.
+#[test]
+fn owner_is_recorded_in_owner_context_and_carried_through_softirq() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    runtime().block_on(async {
+        let mut tracer = start_tracer();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // The listener was created by this test thread: its listen() names it.
+        // SAFETY: gettid has no preconditions.
+        let listen_tid = unsafe { libc::gettid() } as u32;
+        let client = std::thread::spawn(move || {
+            tcptrace::leaky::set_comm("tt-client");
+            let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            drop(s);
+            // SAFETY: as above.
+            unsafe { libc::gettid() as u32 }
+        });
+        let (mut server, _) = listener.accept().unwrap();
+        let client_tid = client.join().unwrap();
+        let server_thread = std::thread::spawn(move || {
+            tcptrace::leaky::set_comm("tt-server");
+            let mut buf = [0u8; 8];
+            assert_eq!(server.read(&mut buf).unwrap(), 0);
+            drop(server);
+            // SAFETY: as above.
+            unsafe { libc::gettid() as u32 }
+        });
+        let server_tid = server_thread.join().unwrap();
+        drop(listener);
+        let events = collect(&mut tracer, ours(port), |e| e.len() >= 12, Duration::from_secs(5)).await;
+        assert_eq!(events.len(), 12, "{}", show(&events));
+        for evs in by_conn(&events).values() {
+            let owners: Vec<Option<(u32, String)>> = evs
+                .iter()
+                .map(|t| t.owner.map(|o| (o.tid, o.comm.as_str().into_owned())))
+                .collect();
+            match (evs[0].old, evs[0].new) {
+                (Close, SynSent) => {
+                    // Every client event carries the client, although SYN_SENT→ESTABLISHED,
+                    // FIN_WAIT1→FIN_WAIT2 and FIN_WAIT2→CLOSE fire in softirq.
+                    for o in &owners {
+                        assert_eq!(o, &Some((client_tid, "tt-client".into())), "{}", show(evs));
+                    }
+                }
+                (Listen, SynRecv) => {
+                    // Unknown until the server's own close() (→LAST_ACK); never the client,
+                    // whose task fires ESTABLISHED→CLOSE_WAIT on loopback.
+                    let n = evs.len();
+                    for (t, o) in evs.iter().zip(&owners).take(n - 2) {
+                        assert_eq!(o, &None, "owner of {} -> {} must be unknown:\n{}", t.old, t.new, show(evs));
+                    }
+                    for o in &owners[n - 2..] {
+                        assert_eq!(o, &Some((server_tid, "tt-server".into())), "{}", show(evs));
+                    }
+                }
+                (Close, Listen) => {
+                    for o in &owners {
+                        assert_eq!(o.as_ref().map(|o| o.0), Some(listen_tid), "{}", show(evs));
+                    }
+                }
+                other => panic!("unexpected {other:?}:\n{}", show(evs)),
+            }
+        }
+        assert_no_loss(&tracer.counters());
+    });
+}

@@ -1,6 +1,7 @@
 //! `cargo xtask`: what cargo alone can't do. Sets up the eBPF toolchain, then runs the
 //! tracer, the tests or the benchmark, so that a fresh machine needs one command each.
 
+mod bench;
 mod setup;
 
 use std::process::Command;
@@ -32,6 +33,8 @@ enum Task {
     },
     /// rustfmt --check and clippy -D warnings on every crate, the eBPF one included.
     Lint,
+    /// Measure tracing overhead on a loopback churn load: untraced, tcptrace, bcc tcpstates.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -50,7 +53,8 @@ fn main() -> Result<()> {
             if !setup::is_root() {
                 bail!("the kernel tests load eBPF programs: run `cargo xtask test` as root");
             }
-            let mut test = vec!["test", "--release", "--workspace"];
+            // Default members: the eBPF crate only builds for the bpf target (build.rs does that).
+            let mut test = vec!["test", "--release"];
             if !args.is_empty() {
                 test.push("--");
                 test.extend(args.iter().map(String::as_str));
@@ -60,9 +64,10 @@ fn main() -> Result<()> {
         Task::Lint => {
             setup::ensure_toolchain(false)?;
             cargo(&["fmt", "--all", "--check"])?;
-            cargo(&["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&["clippy", "--release", "--all-targets", "--", "-D", "warnings"])?;
             ebpf_clippy()
         }
+        Task::Bench(args) => bench::run(args, &workspace_root()),
     }
 }
 
