@@ -190,7 +190,7 @@ impl Tracer {
         program
             .attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)
             .map_err(|e| KernelError::Attach(e.to_string()))?;
-        let mut prog_fds = vec![
+        let prog_fds = vec![
             program
                 .fd()
                 .map_err(|e| KernelError::Load(e.to_string()))?

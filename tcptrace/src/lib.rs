@@ -1,12 +1,20 @@
 //! tcptrace: an eBPF TCP state-transition tracer.
 //!
 //! Data flows one way: kernel tracepoint → ring buffer ([`kernel`]) → decode ([`decode`]) →
-//! lifecycle engine ([`engine`]) → anomaly rules ([`rules`]) → sinks ([`sink`]).
+//! lifecycle engine ([`engine`]) → anomaly rules ([`rules`]) → sinks ([`sink`]). [`live`]
+//! and [`analyze`] drive the same [`pipeline`], live from the kernel or from a recorded log.
 
+pub mod analyze;
+pub mod cli;
 pub mod decode;
+pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod kernel;
+pub mod leaky;
+pub mod live;
+pub mod output;
+pub mod pipeline;
 pub mod rules;
 pub mod sink;
 pub mod tracefs;

@@ -1,0 +1,268 @@
+//! `tcptrace analyze`: replays a recorded NDJSON log through the same engine as live
+//! tracing, with the log's own timestamps as the clock, and summarises it.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::rc::Rc;
+
+use anyhow::{Context as _, Result};
+
+use crate::cli::{AnalyzeArgs, View};
+use crate::engine::{Engine, Output};
+use crate::event::TcpState;
+use crate::pipeline::{Pipeline, engine_config};
+use crate::sink::ndjson::{Ndjson, parse_transition};
+use crate::sink::time::{WallClock, human};
+use crate::sink::{RunSummary, Sink};
+
+const TICK_NS: u64 = 1_000_000_000;
+
+/// What a replay found, beyond the engine's own counters.
+#[derive(Default, Debug)]
+pub struct Findings {
+    pub lines: u64,
+    pub bad_lines: u64,
+    pub entered: BTreeMap<&'static str, u64>,
+    pub handshakes_ns: Vec<u64>,
+    pub alerts: BTreeMap<String, u64>,
+    pub lifecycles: u64,
+}
+
+/// A malformed line that stopped the analysis.
+#[derive(Debug, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct BadLine {
+    pub line: u64,
+    pub reason: String,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted.get(i).copied()
+}
+
+/// The wall-clock offset a log carries (its `time` against its `ts_ns`), if any.
+fn wall_offset(line: &str) -> Option<i128> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let ts = i128::from(v.get("ts_ns")?.as_u64()?);
+    let t = humantime::parse_rfc3339(v.get("time")?.as_str()?).ok()?;
+    let unix = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos() as i128;
+    Some(unix - ts)
+}
+
+/// Replays `input` into `pipeline`; returns the findings, and the first bad line if the
+/// replay stopped at one. Never loses what was computed before it.
+pub fn replay(
+    input: impl Read,
+    pipeline: &mut Pipeline,
+    skip_bad: bool,
+    mut on_first: impl FnMut(&str),
+) -> Result<(Findings, Option<BadLine>)> {
+    let mut reader = BufReader::with_capacity(1 << 20, input);
+    let mut buf = Vec::with_capacity(1024);
+    let mut f = Findings::default();
+    let mut next_tick: Option<u64> = None;
+    let mut last_ts = 0u64;
+    let mut first = true;
+    let mut stopped = None;
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf).context("reading the log")? == 0 {
+            break;
+        }
+        f.lines += 1;
+        let line = match std::str::from_utf8(&buf) {
+            Ok(l) => l.trim_end(),
+            Err(e) => {
+                let bad = BadLine { line: f.lines, reason: format!("not UTF-8 ({e})") };
+                if skip_bad {
+                    f.bad_lines += 1;
+                    continue;
+                }
+                stopped = Some(bad);
+                break;
+            }
+        };
+        if line.is_empty() {
+            continue;
+        }
+        match parse_transition(line) {
+            Ok(Some(t)) => {
+                if first {
+                    first = false;
+                    on_first(line);
+                }
+                // The log's clock drives the timers, one tick per second of log time.
+                let tick_at = *next_tick.get_or_insert(t.ts_ns + TICK_NS);
+                if t.ts_ns >= tick_at {
+                    pipeline.tick(t.ts_ns).context("writing output")?;
+                    next_tick = Some(t.ts_ns + TICK_NS);
+                }
+                last_ts = last_ts.max(t.ts_ns);
+                *f.entered.entry(t.new.name()).or_default() += 1;
+                pipeline.feed(&t).context("writing output")?;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if skip_bad {
+                    f.bad_lines += 1;
+                    if f.bad_lines <= 5 {
+                        log::warn!("line {}: {e} (skipped)", f.lines);
+                    }
+                    continue;
+                }
+                stopped = Some(BadLine { line: f.lines, reason: e.to_string() });
+                break;
+            }
+        }
+    }
+    pipeline.finish(last_ts).context("writing output")?;
+    Ok((f, stopped))
+}
+
+pub fn analyze(args: AnalyzeArgs) -> Result<()> {
+    let input: Box<dyn Read> = match args.file.as_deref() {
+        None => Box::new(io::stdin().lock()),
+        Some(p) if p.as_os_str() == "-" => Box::new(io::stdin().lock()),
+        Some(p) => Box::new(
+            std::fs::File::open(p).with_context(|| format!("cannot open the log {}", p.display()))?,
+        ),
+    };
+    // Lines are printed with the log's own wall clock, learnt from its first transition.
+    let terminal_clock = Rc::new(RefCell::new(WallClock::identity()));
+
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let printer = Rc::new(RefCell::new(io::BufWriter::with_capacity(1 << 16, io::stdout())));
+    if let Some(p) = &args.output {
+        sinks.push(Box::new(Ndjson::new(crate::output::OutputFile::create(p)?, WallClock::identity())));
+    }
+    let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
+    let collected = Rc::new(RefCell::new((Vec::<u64>::new(), BTreeMap::<String, u64>::new(), 0u64)));
+    {
+        let collected = collected.clone();
+        let printer = printer.clone();
+        let view = args.view;
+        let tc = terminal_clock.clone();
+        pipeline.tap(move |o| {
+            let mut c = collected.borrow_mut();
+            match o {
+                Output::Lifecycle(l) => {
+                    c.2 += 1;
+                    if let Some(h) = l.handshake_ns {
+                        c.0.push(h);
+                    }
+                }
+                Output::Alert(a) => *c.1.entry(a.rule.to_string()).or_default() += 1,
+                Output::Transition(_) => {}
+            }
+            if view != View::None {
+                let mut p = printer.borrow_mut();
+                let clock = *tc.borrow();
+                let line = match o {
+                    Output::Transition(r) if matches!(view, View::Transitions | View::All) => {
+                        Some(crate::sink::terminal::format_transition(&clock, r))
+                    }
+                    Output::Lifecycle(l) if matches!(view, View::Lifecycles | View::All) => {
+                        Some(crate::sink::terminal::format_lifecycle(&clock, l))
+                    }
+                    Output::Alert(a) if view != View::Lifecycles => {
+                        Some(crate::sink::terminal::format_alert(&clock, a))
+                    }
+                    _ => None,
+                };
+                if let Some(line) = line {
+                    // A closed stdout (`| head`) must not abort the analysis itself.
+                    let _ = writeln!(p, "{line}");
+                }
+            }
+        });
+    }
+    let (mut findings, stopped) = replay(input, &mut pipeline, args.skip_bad, |line| {
+        if let Some(off) = wall_offset(line) {
+            *terminal_clock.borrow_mut() = WallClock::new(off);
+        }
+    })?;
+    let (mut handshakes, alerts, lifecycles) = collected.take();
+    handshakes.sort_unstable();
+    findings.handshakes_ns = handshakes;
+    findings.alerts = alerts;
+    findings.lifecycles = lifecycles;
+
+    let stats = pipeline.engine().stats();
+    let summary = RunSummary {
+        transitions: pipeline.transitions(),
+        engine: stats,
+        ..RunSummary::default()
+    };
+    pipeline.summary(&summary).context("writing the output file")?;
+    let mut w = printer.borrow_mut();
+    print_report(&mut *w, &findings, &summary).context("writing the report")?;
+    w.flush().ok();
+    if let Some(bad) = stopped {
+        anyhow::bail!(
+            "malformed log at {bad}; stopped there (the report above covers lines before it; --skip-bad goes on past bad lines)"
+        );
+    }
+    Ok(())
+}
+
+fn print_report(w: &mut impl Write, f: &Findings, s: &RunSummary) -> io::Result<()> {
+    let e = &s.engine;
+    writeln!(w, "--- tcptrace analyze ---")?;
+    writeln!(
+        w,
+        "{} lines, {} transitions, {} bad lines skipped; {} lifecycles ({} complete, {} partial), {} still open at end of log",
+        f.lines, s.transitions, f.bad_lines, f.lifecycles, e.lifecycles_complete, e.lifecycles_partial, e.tracked
+    )?;
+    let entered: Vec<String> = TcpState::ALL
+        .iter()
+        .filter_map(|st| f.entered.get(st.name()).map(|n| format!("{}={n}", st.name())))
+        .collect();
+    writeln!(w, "transitions into: {}", entered.join(" "))?;
+    let kinds: Vec<String> = crate::engine::CloseKind::ALL
+        .iter()
+        .filter(|k| e.close_kinds.get(**k) > 0)
+        .map(|k| format!("{}={}", k.name(), e.close_kinds.get(*k)))
+        .collect();
+    writeln!(w, "close kinds: {}", if kinds.is_empty() { "-".into() } else { kinds.join(" ") })?;
+    let h = &f.handshakes_ns;
+    match (percentile(h, 0.5), percentile(h, 0.9), percentile(h, 0.99), h.last()) {
+        (Some(p50), Some(p90), Some(p99), Some(max)) => writeln!(
+            w,
+            "handshake ({} connections): p50 {} p90 {} p99 {} max {}",
+            h.len(),
+            human(p50),
+            human(p90),
+            human(p99),
+            human(*max)
+        )?,
+        _ => writeln!(w, "handshake: no complete handshakes in the log")?,
+    }
+    let alerts: Vec<String> = f.alerts.iter().map(|(r, n)| format!("{r}={n}")).collect();
+    writeln!(w, "alerts: {}", if alerts.is_empty() { "none".into() } else { alerts.join(" ") })?;
+    writeln!(w, "illegal transitions {}, gaps (lost events) {}, evicted {}", e.illegal, e.gaps, e.evicted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_ranked_values() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), Some(51));
+        assert_eq!(percentile(&v, 0.99), Some(99));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn wall_offset_comes_from_time_and_ts() {
+        let line = r#"{"type":"transition","schema":1,"ts_ns":1000,"time":"1970-01-01T00:00:01.000001Z"}"#;
+        assert_eq!(wall_offset(line), Some(1_000_000_000));
+        assert_eq!(wall_offset("{}"), None);
+    }
+}

@@ -1,0 +1,181 @@
+//! Live tracing: load the program, then read, decode, run the engine and write the sinks
+//! until Ctrl-C, SIGTERM, `--duration` or the stdout reader going away; then a summary.
+
+use std::io::{self, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::cli::{FileFormat, TraceArgs, View};
+use crate::decode::decode;
+use crate::engine::{Engine, Output};
+use crate::kernel::{self, Tracer, TracerConfig};
+use crate::pipeline::{Pipeline, engine_config};
+use crate::sink::ndjson::Ndjson;
+use crate::sink::terminal::Terminal;
+use crate::sink::time::WallClock;
+use crate::sink::{Loss, RunSummary, Sink};
+
+/// How long the reader sleeps when the kernel does not wake it (the kernel wakes it only
+/// past a fill threshold): the bound on how late a lone transition is printed.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+const TICK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stop {
+    Signal,
+    Duration,
+    /// stdout's reader went away (`| head`): quiet exit.
+    BrokenPipe,
+}
+
+pub struct LiveOptions {
+    pub tracer: TracerConfig,
+    pub duration: Option<Duration>,
+    /// Called once the program is attached (the demo starts its traffic then).
+    pub on_ready: Option<Box<dyn FnOnce()>>,
+}
+
+/// Builds the sinks a `TraceArgs` asks for.
+pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let stdout_taken = args.output.as_deref() == Some(std::path::Path::new("-"));
+    if !stdout_taken && args.view != View::None {
+        let out = io::BufWriter::with_capacity(1 << 16, io::stdout());
+        sinks.push(Box::new(Terminal::new(out, args.view, clock)));
+    }
+    if let Some(path) = &args.output {
+        let w: Box<dyn Write> = if stdout_taken {
+            Box::new(io::BufWriter::with_capacity(1 << 16, io::stdout()))
+        } else {
+            let rotation = crate::output::Rotation {
+                max_bytes: args.rotate_size,
+                keep: args.rotate_keep,
+            };
+            Box::new(crate::output::OutputFile::with_rotation(path, rotation)?)
+        };
+        match args.format {
+            FileFormat::Ndjson => sinks.push(Box::new(Ndjson::new(w, clock))),
+            FileFormat::Csv => sinks.push(Box::new(crate::sink::csv::Csv::new(w, clock))),
+        }
+    }
+    Ok(sinks)
+}
+
+pub async fn trace(args: TraceArgs) -> Result<()> {
+    let clock = WallClock::new(kernel::wall_offset_ns());
+    let sinks = sinks(&args, clock)?;
+    let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
+    let opts = LiveOptions {
+        tracer: TracerConfig {
+            ring_bytes: args.kernel.ring_mb.next_power_of_two() << 20,
+            ..TracerConfig::default()
+        },
+        duration: args.duration,
+        on_ready: None,
+    };
+    let (stop, summary) = run(&mut pipeline, opts).await?;
+    match pipeline.summary(&summary) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        r => r.context("writing the summary")?,
+    }
+    if summary.lost > 0 {
+        log::warn!("{} events were lost; see the summary for causes", summary.lost);
+    }
+    log::debug!("stopped: {stop:?}");
+    Ok(())
+}
+
+/// Runs the live loop on `pipeline` until a stop condition; returns the summary (not yet
+/// written: the caller decides where).
+pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop, RunSummary)> {
+    let started = Instant::now();
+    let mut tracer = Tracer::start(opts.tracer)?;
+    log::info!("tracing TCP state changes (sock:inet_sock_set_state); Ctrl-C to stop");
+    if let Some(f) = opts.on_ready.take() {
+        f();
+    }
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut decode_errors = 0u64;
+    let mut last_tick = Instant::now();
+    let stop = loop {
+        let wait = tracer.wait(POLL_INTERVAL);
+        let stop = tokio::select! {
+            _ = wait => None,
+            _ = sigint.recv() => Some(Stop::Signal),
+            _ = sigterm.recv() => Some(Stop::Signal),
+            _ = sighup.recv() => {
+                crate::output::REOPEN.store(true, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => Some(Stop::Duration),
+        };
+        let r = drain(&mut tracer, pipeline, &mut decode_errors);
+        let r = r.and_then(|()| {
+            if last_tick.elapsed() >= TICK_INTERVAL {
+                last_tick = Instant::now();
+                tracer.flush_logs();
+                pipeline.tick(kernel::monotonic_ns())?;
+            }
+            pipeline.flush()
+        });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => break Stop::BrokenPipe,
+            Err(e) => return Err(e).context("writing output"),
+            Ok(()) => {}
+        }
+        if let Some(s) = stop {
+            break s;
+        }
+    };
+    // What is already in the ring buffer was captured: it goes out before we stop.
+    if stop != Stop::BrokenPipe {
+        drain(&mut tracer, pipeline, &mut decode_errors).context("writing output")?;
+        pipeline.finish(kernel::monotonic_ns()).context("writing output")?;
+    }
+    tracer.flush_logs();
+    let k = tracer.counters();
+    let loss = Loss {
+        ringbuf_full: k.ringbuf_full,
+        recursion_misses: k.recursion_misses,
+        read_errors: k.read_errors,
+        decode_errors,
+    };
+    let summary = RunSummary {
+        transitions: pipeline.transitions(),
+        lost: loss.total(),
+        loss,
+        duration_ns: started.elapsed().as_nanos() as u64,
+        engine: pipeline.engine().stats(),
+    };
+    Ok((stop, summary))
+}
+
+fn drain(tracer: &mut Tracer, pipeline: &mut Pipeline, decode_errors: &mut u64) -> io::Result<()> {
+    let mut result = Ok(());
+    tracer.drain(|bytes| match decode(bytes) {
+        Ok(t) => {
+            if let Err(e) = pipeline.feed(&t) {
+                result = Err(e);
+            }
+        }
+        Err(e) => {
+            *decode_errors += 1;
+            log::warn!("undecodable event from the kernel: {e}");
+        }
+    });
+    result
+}
+
+/// Collects outputs for callers that inspect them (demo, tests).
+pub type Collected = std::rc::Rc<std::cell::RefCell<Vec<Output>>>;

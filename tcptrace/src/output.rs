@@ -1,0 +1,260 @@
+//! The `--output` file: buffered, rotated by size at line boundaries, reopened on SIGHUP
+//! (so logrotate's move-then-HUP works), and never fatal: a full disk or an unwritable
+//! path is reported once on stderr and counted, and tracing goes on to the other outputs.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Set by the SIGHUP handler; the file reopens at the next line boundary.
+pub static REOPEN: AtomicBool = AtomicBool::new(false);
+/// Write errors on the output file since start (exported as a metric).
+pub static WRITE_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rotation {
+    /// Rotate once the file reaches this many bytes (0: never).
+    pub max_bytes: u64,
+    /// Rotated files kept: FILE.1 (newest) … FILE.N.
+    pub keep: u32,
+}
+
+pub struct OutputFile {
+    path: PathBuf,
+    file: Option<BufWriter<File>>,
+    rotation: Rotation,
+    size: u64,
+    at_line_start: bool,
+    /// Whether the current failure was already reported (one message per failure spell).
+    failing: bool,
+}
+
+fn open(path: &Path) -> io::Result<(BufWriter<File>, u64)> {
+    let f = OpenOptions::new().create(true).append(true).open(path)?;
+    let size = f.metadata()?.len();
+    Ok((BufWriter::with_capacity(1 << 16, f), size))
+}
+
+impl OutputFile {
+    /// Opens (appending) or creates `path`. Failing to open it at start is an error: the
+    /// user asked for a file that cannot be written, and nothing was captured yet.
+    pub fn create(path: &Path) -> anyhow::Result<OutputFile> {
+        Self::with_rotation(path, Rotation::default())
+    }
+
+    pub fn with_rotation(path: &Path, rotation: Rotation) -> anyhow::Result<OutputFile> {
+        let (file, size) = open(path).map_err(|e| {
+            anyhow::anyhow!("cannot write the output file {}: {e}", path.display())
+        })?;
+        Ok(OutputFile {
+            path: path.to_path_buf(),
+            file: Some(file),
+            rotation,
+            size,
+            at_line_start: true,
+            failing: false,
+        })
+    }
+
+    fn report(&mut self, what: &str, e: &io::Error) {
+        WRITE_ERRORS.fetch_add(1, Ordering::Relaxed);
+        if !self.failing {
+            self.failing = true;
+            log::error!(
+                "{what} {} failed ({e}); tracing goes on, and output to this file resumes when it can be written",
+                self.path.display()
+            );
+        }
+    }
+
+    /// Rotated name `FILE.n`.
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut s = self.path.clone().into_os_string();
+        s.push(format!(".{n}"));
+        PathBuf::from(s)
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        if let Some(mut f) = self.file.take() {
+            f.flush()?;
+        }
+        if self.rotation.keep == 0 {
+            std::fs::remove_file(&self.path).or_else(|e| {
+                if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+            })?;
+        } else {
+            for n in (1..self.rotation.keep).rev() {
+                let from = self.rotated(n);
+                if from.exists() {
+                    std::fs::rename(&from, self.rotated(n + 1))?;
+                }
+            }
+            std::fs::rename(&self.path, self.rotated(1))?;
+        }
+        self.reopen()
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        if let Some(mut f) = self.file.take() {
+            let _ = f.flush();
+        }
+        let (f, size) = open(&self.path)?;
+        self.file = Some(f);
+        self.size = size;
+        Ok(())
+    }
+
+    /// Housekeeping that may only happen between lines: SIGHUP reopen, rotation, and
+    /// retrying a file that failed.
+    fn at_boundary(&mut self) {
+        if REOPEN.swap(false, Ordering::Relaxed) {
+            if let Err(e) = self.reopen() {
+                self.report("reopening", &e);
+            }
+        }
+        if self.rotation.max_bytes > 0 && self.size >= self.rotation.max_bytes {
+            if let Err(e) = self.rotate() {
+                self.report("rotating", &e);
+            }
+        }
+        if self.file.is_none() {
+            match open(&self.path) {
+                Ok((f, size)) => {
+                    self.file = Some(f);
+                    self.size = size;
+                }
+                Err(e) => self.report("opening", &e),
+            }
+        }
+    }
+}
+
+impl Write for OutputFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.at_line_start {
+            self.at_boundary();
+        }
+        if let Some(f) = self.file.as_mut() {
+            match f.write_all(buf) {
+                Ok(()) => {
+                    self.failing = false;
+                    self.size += buf.len() as u64;
+                }
+                Err(e) => {
+                    self.report("writing to", &e);
+                    // Drop the buffered remainder; the next line starts clean in a reopened file.
+                    self.file = None;
+                }
+            }
+        }
+        if let Some(&last) = buf.last() {
+            self.at_line_start = last == b'\n';
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if let Some(f) = self.file.as_mut() {
+            if let Err(e) = f.flush() {
+                self.report("writing to", &e);
+                self.file = None;
+            }
+        }
+        if self.at_line_start {
+            self.at_boundary();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+/// Parses sizes such as `100M`, `1.5G`, `64KiB`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (examples: 100M, 1G)"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M or G)")),
+    };
+    if n < 0.0 {
+        return Err(format!("{s:?} is negative"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tcptrace-out-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("out.ndjson")
+    }
+
+    #[test]
+    fn rotates_at_line_boundaries_and_keeps_n_files() {
+        let p = tmp("rotate");
+        let mut f = OutputFile::with_rotation(&p, Rotation { max_bytes: 100, keep: 2 }).unwrap();
+        for i in 0..30 {
+            // Written in two pieces: rotation must never split a line.
+            write!(f, "{{\"n\":{i},").unwrap();
+            writeln!(f, "\"pad\":\"xxxxxxxxxxxxxxxx\"}}").unwrap();
+        }
+        f.flush().unwrap();
+        drop(f);
+        let mut all = Vec::new();
+        for path in [p.with_extension("ndjson.2"), p.with_extension("ndjson.1"), p.clone()] {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.len() <= 100 + 40, "{} is {} bytes", path.display(), text.len());
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).expect("whole lines only");
+                all.push(v["n"].as_u64().unwrap());
+            }
+        }
+        assert!(!p.with_extension("ndjson.3").exists(), "only 2 rotated files are kept");
+        // The newest lines survive, in order.
+        assert_eq!(all.last(), Some(&29));
+        assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
+    }
+
+    #[test]
+    fn sighup_reopens_so_a_moved_file_is_replaced() {
+        let p = tmp("hup");
+        let mut f = OutputFile::create(&p).unwrap();
+        writeln!(f, "first").unwrap();
+        f.flush().unwrap();
+        let moved = p.with_extension("moved");
+        std::fs::rename(&p, &moved).unwrap();
+        writeln!(f, "second").unwrap(); // still the moved file: no HUP yet
+        REOPEN.store(true, Ordering::Relaxed);
+        writeln!(f, "third").unwrap();
+        f.flush().unwrap();
+        assert_eq!(std::fs::read_to_string(&moved).unwrap(), "first\nsecond\n");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "third\n");
+    }
+
+    #[test]
+    fn an_unwritable_file_is_an_error_at_start_and_sizes_parse() {
+        let err = OutputFile::create(Path::new("/proc/version")).err().expect("read-only file");
+        assert!(err.to_string().starts_with("cannot write the output file /proc/version"), "{err}");
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("10T").is_err());
+    }
+}

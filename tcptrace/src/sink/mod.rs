@@ -1,0 +1,61 @@
+//! Where records go. Every output (the terminal, NDJSON and CSV files, metrics) is a
+//! [`Sink`]: they are siblings fed the same engine outputs, and none of them feeds back.
+
+pub mod csv;
+pub mod ndjson;
+pub mod terminal;
+pub mod time;
+
+use std::io;
+
+use serde::Serialize;
+
+use crate::engine::{EngineStats, Output};
+
+/// Version of every machine-readable record tcptrace writes (NDJSON and CSV). Bumped on
+/// any change that could break a consumer (a field renamed, removed or retyped).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Events that happened but never reached tcptrace, by cause (see the README).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Loss {
+    /// The kernel ring buffer was full: the reader fell behind.
+    pub ringbuf_full: u64,
+    /// The kernel skipped the program: it fired while another BPF program ran on the CPU.
+    pub recursion_misses: u64,
+    /// Reading the tracepoint record failed in the program.
+    pub read_errors: u64,
+    /// Bytes that came out of the ring buffer but did not decode.
+    pub decode_errors: u64,
+}
+
+impl Loss {
+    pub fn total(&self) -> u64 {
+        self.ringbuf_full + self.recursion_misses + self.read_errors + self.decode_errors
+    }
+}
+
+/// What a run amounts to, written once at the end.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct RunSummary {
+    /// Transitions that reached the engine.
+    pub transitions: u64,
+    /// Events lost before reaching tcptrace, all causes (`loss` has them apart).
+    pub lost: u64,
+    pub loss: Loss,
+    /// Wall time the run lasted.
+    pub duration_ns: u64,
+    pub engine: EngineStats,
+}
+
+/// One destination for the engine's outputs.
+pub trait Sink {
+    /// One transition, lifecycle or alert. An error stops tracing only where going on is
+    /// pointless (stdout's reader went away); file sinks report their own write errors and
+    /// keep the tracer running.
+    fn record(&mut self, out: &Output) -> io::Result<()>;
+    /// The end-of-run summary.
+    fn summary(&mut self, s: &RunSummary) -> io::Result<()>;
+    /// Pushes buffered output out (called at least every 250 ms while tracing).
+    fn flush(&mut self) -> io::Result<()>;
+}

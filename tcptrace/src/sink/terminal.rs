@@ -1,0 +1,269 @@
+//! The human view: one aligned line per transition (alerts inline, prefixed `ALERT` so
+//! they are easy to grep), or one line per finished connection, or alerts only.
+
+use std::io::{self, Write};
+
+use super::time::{WallClock, human};
+use super::{RunSummary, Sink};
+use crate::cli::View;
+use crate::engine::{EndReason, LifecycleRecord, Output, Role, TransitionRecord};
+use crate::event::Task;
+use crate::rules::{Alert, AlertStatus};
+
+/// Column widths: an IPv4 `addr:port` is at most 21 characters; IPv6 ones may overflow
+/// the column (the line stays readable, only that row shifts).
+const ADDR_W: usize = 23;
+
+pub struct Terminal<W: Write> {
+    out: W,
+    view: View,
+    clock: WallClock,
+    header_done: bool,
+}
+
+impl<W: Write> Terminal<W> {
+    pub fn new(out: W, view: View, clock: WallClock) -> Terminal<W> {
+        Terminal {
+            out,
+            view,
+            clock,
+            header_done: false,
+        }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    /// The column header of the chosen view (printed before the first line).
+    pub fn header(&mut self) -> io::Result<()> {
+        self.header_done = true;
+        match self.view {
+            View::Transitions | View::All => writeln!(
+                self.out,
+                "{:<12} {:<7} {:<16} {:<ADDR_W$} {:<ADDR_W$} {:<28} {:>9}",
+                "TIME", "PID", "COMM", "LOCAL", "REMOTE", "OLD -> NEW", "MS"
+            ),
+            View::Lifecycles => writeln!(
+                self.out,
+                "{:<12} {:<5} {:<7} {:<16} {:<ADDR_W$} {:<ADDR_W$} {:<18} {:>9} {:>9} {:>9}  PATH",
+                "END", "", "PID", "COMM", "LOCAL", "REMOTE", "CLOSE", "HANDSHAKE", "ESTAB", "LIFETIME"
+            ),
+            View::Alerts | View::None => Ok(()),
+        }
+    }
+}
+
+/// `pid`, `comm` columns for an owner; unknown stays unknown (never the softirq's victim).
+fn owner_cols(owner: Option<&Task>) -> (String, String) {
+    match owner {
+        Some(o) if o.pid != 0 => (o.pid.to_string(), o.comm.as_str().into_owned()),
+        _ => ("-".into(), "(unknown)".into()),
+    }
+}
+
+pub fn format_transition(clock: &WallClock, r: &TransitionRecord) -> String {
+    let t = &r.t;
+    let (pid, comm) = owner_cols(r.owner.as_ref());
+    let ms = match r.in_old_state_ns {
+        Some(ns) => format!("{:.3}", ns as f64 / 1e6),
+        None => "-".into(),
+    };
+    let mut mark = String::new();
+    if !r.legal {
+        mark.push_str(" !illegal");
+    }
+    if r.gap {
+        mark.push_str(" !gap");
+    }
+    format!(
+        "{:<12} {:<7} {:<16} {:<ADDR_W$} {:<ADDR_W$} {:<12} -> {:<12} {:>9}{mark}",
+        clock.local_hms(t.ts_ns),
+        pid,
+        comm,
+        t.local.to_string(),
+        t.remote.to_string(),
+        t.old,
+        t.new,
+        ms
+    )
+}
+
+pub fn format_alert(clock: &WallClock, a: &Alert) -> String {
+    let status = match a.status {
+        AlertStatus::Firing => "FIRING",
+        AlertStatus::Update => "UPDATE",
+        AlertStatus::Resolved => "RESOLVED",
+    };
+    format!(
+        "ALERT {} {} {}: {} ({})",
+        clock.local_hms(a.ts_ns),
+        a.rule,
+        status,
+        a.message,
+        a.explanation
+    )
+}
+
+fn opt_human(ns: Option<u64>) -> String {
+    ns.map(human).unwrap_or_else(|| "-".into())
+}
+
+pub fn format_lifecycle(clock: &WallClock, l: &LifecycleRecord) -> String {
+    let (pid, comm) = owner_cols(l.owner.as_ref());
+    let role = match l.role {
+        Role::ActiveOpen => "out",
+        Role::PassiveOpen => "in",
+        Role::Listener => "lsn",
+        Role::Unknown => "?",
+    };
+    let close = match (l.close_kind, l.end) {
+        (Some(k), _) => k.name().to_string(),
+        (None, EndReason::Closed) => "closed".into(),
+        (None, e) => format!("({})", serde_json::to_value(e).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+    };
+    let path: Vec<&str> = l.path.iter().map(|s| s.state.name()).collect();
+    let mut flags = String::new();
+    if l.partial_start {
+        flags.push_str(" [present at start]");
+    }
+    if l.gap {
+        flags.push_str(" [incomplete: events lost]");
+    }
+    if l.illegal {
+        flags.push_str(" [illegal transition]");
+    }
+    format!(
+        "{:<12} {:<5} {:<7} {:<16} {:<ADDR_W$} {:<ADDR_W$} {:<18} {:>9} {:>9} {:>9}  {}{flags}",
+        clock.local_hms(l.end_ts_ns),
+        role,
+        pid,
+        comm,
+        l.local.to_string(),
+        l.remote.to_string(),
+        close,
+        opt_human(l.handshake_ns),
+        opt_human(l.established_ns),
+        opt_human(l.lifetime_ns),
+        path.join(">")
+    )
+}
+
+impl<W: Write> Sink for Terminal<W> {
+    fn record(&mut self, out: &Output) -> io::Result<()> {
+        if !self.header_done {
+            self.header()?;
+        }
+        let line = match (self.view, out) {
+            (View::Transitions | View::All, Output::Transition(r)) => format_transition(&self.clock, r),
+            (View::Lifecycles | View::All, Output::Lifecycle(l)) => {
+                // Connections still open at exit are not "finished" lifecycles for a human.
+                if l.end == EndReason::Finished {
+                    return Ok(());
+                }
+                format_lifecycle(&self.clock, l)
+            }
+            (View::Transitions | View::Alerts | View::All, Output::Alert(a)) => format_alert(&self.clock, a),
+            _ => return Ok(()),
+        };
+        writeln!(self.out, "{line}")
+    }
+
+    fn summary(&mut self, s: &RunSummary) -> io::Result<()> {
+        if self.view == View::None {
+            return Ok(());
+        }
+        writeln!(
+            self.out,
+            "tcptrace: {} transitions seen, {} events lost (ring buffer full {}, recursion misses {}, read errors {}, undecodable {}), {} connections evicted",
+            s.transitions,
+            s.lost,
+            s.loss.ringbuf_full,
+            s.loss.recursion_misses,
+            s.loss.read_errors,
+            s.loss.decode_errors,
+            s.engine.evicted
+        )
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Comm, TcpState, Transition};
+
+    fn record(owner: Option<Task>, in_old: Option<u64>) -> TransitionRecord {
+        TransitionRecord {
+            t: Transition {
+                ts_ns: 0,
+                conn_id: 1,
+                skaddr: 0xffff_0000,
+                task: Task { pid: 999, tid: 999, comm: Comm::new("swapper/1") },
+                local: "127.0.0.1:40000".parse().unwrap(),
+                remote: "127.0.0.1:8080".parse().unwrap(),
+                old: TcpState::SynSent,
+                new: TcpState::Established,
+                starts_conn: false,
+                midlife: false,
+                cpu: 0,
+                owner,
+            },
+            in_old_state_ns: in_old,
+            owner,
+            role: Role::ActiveOpen,
+            legal: true,
+            gap: false,
+        }
+    }
+
+    #[test]
+    fn a_transition_line_has_aligned_columns_and_state_names() {
+        let clock = WallClock::identity();
+        let owner = Task { pid: 4242, tid: 4242, comm: Comm::new("curl") };
+        let line = format_transition(&clock, &record(Some(owner), Some(52_000)));
+        let expected_tail = format!(
+            " {:<7} {:<16} {:<23} {:<23} {:<12} -> {:<12} {:>9}",
+            "4242", "curl", "127.0.0.1:40000", "127.0.0.1:8080", "SYN_SENT", "ESTABLISHED", "0.052"
+        );
+        assert_eq!(&line[12..], expected_tail);
+        // The header's columns line up with the line's.
+        let mut t = Terminal::new(Vec::new(), View::Transitions, clock);
+        t.header().unwrap();
+        let header = String::from_utf8(t.into_inner()).unwrap();
+        assert_eq!(header.find("LOCAL"), line.find("127.0.0.1:40000"));
+        assert_eq!(header.find("OLD -> NEW"), line.find("SYN_SENT"));
+        assert_eq!(header.trim_end().len(), line.len());
+    }
+
+    #[test]
+    fn unknown_owner_is_said_not_guessed() {
+        let line = format_transition(&WallClock::identity(), &record(None, None));
+        assert!(line.contains(" -       (unknown)"), "{line}");
+        assert!(!line.contains("swapper"), "the softirq's task is not the owner: {line}");
+        assert!(line.trim_end().ends_with(" -"), "unknown time in state: {line}");
+    }
+
+    #[test]
+    fn views_select_what_is_printed() {
+        let r = Output::Transition(record(None, Some(1)));
+        let a = Output::Alert(Alert::new("stuck_close_wait", AlertStatus::Firing, 0, "pid=1".into(), "m".into(), "e"));
+        for (view, want_t, want_a) in [
+            (View::Transitions, true, true),
+            (View::Alerts, false, true),
+            (View::Lifecycles, false, false),
+            (View::None, false, false),
+        ] {
+            let mut t = Terminal::new(Vec::new(), view, WallClock::identity());
+            t.header_done = true;
+            t.record(&r).unwrap();
+            t.record(&a).unwrap();
+            let s = String::from_utf8(t.into_inner()).unwrap();
+            assert_eq!(s.contains("SYN_SENT"), want_t, "{view:?}: {s}");
+            assert_eq!(s.contains("ALERT"), want_a, "{view:?}: {s}");
+        }
+    }
+}

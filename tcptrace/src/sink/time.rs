@@ -1,0 +1,85 @@
+//! Turning the kernel's CLOCK_MONOTONIC timestamps into wall-clock time, and durations
+//! into short human text.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Maps CLOCK_MONOTONIC nanoseconds to Unix time, with an offset taken once at start.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    offset_ns: i128,
+}
+
+impl WallClock {
+    /// `offset_ns` = realtime − monotonic, measured by the caller (see `kernel::wall_offset_ns`).
+    pub fn new(offset_ns: i128) -> WallClock {
+        WallClock { offset_ns }
+    }
+
+    /// For logs that carry no kernel clock: monotonic ns are taken as Unix ns.
+    pub fn identity() -> WallClock {
+        WallClock { offset_ns: 0 }
+    }
+
+    pub fn unix_ns(&self, mono_ns: u64) -> i128 {
+        i128::from(mono_ns) + self.offset_ns
+    }
+
+    pub fn system_time(&self, mono_ns: u64) -> SystemTime {
+        let ns = self.unix_ns(mono_ns).max(0) as u128;
+        UNIX_EPOCH + Duration::new((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32)
+    }
+
+    /// RFC 3339 UTC with nanoseconds, e.g. `2026-11-24T00:21:09.123456789Z`.
+    pub fn rfc3339(&self, mono_ns: u64) -> String {
+        humantime::format_rfc3339_nanos(self.system_time(mono_ns)).to_string()
+    }
+
+    /// Local `HH:MM:SS.mmm`, as a terminal user reads time.
+    pub fn local_hms(&self, mono_ns: u64) -> String {
+        let ns = self.unix_ns(mono_ns).max(0);
+        let secs = (ns / 1_000_000_000) as libc::time_t;
+        let ms = ((ns / 1_000_000) % 1000) as u32;
+        // SAFETY: localtime_r writes into the tm we own.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        unsafe { libc::localtime_r(&secs, &mut tm) };
+        format!("{:02}:{:02}:{:02}.{ms:03}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+    }
+}
+
+/// A duration in the unit that reads best: `0.052ms`, `12.3ms`, `4.2s`, `12m`, `3h05m`.
+pub fn human(ns: u64) -> String {
+    let ms = ns as f64 / 1e6;
+    if ms < 10.0 {
+        format!("{ms:.3}ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.1}ms")
+    } else if ns < 60_000_000_000 {
+        format!("{:.1}s", ns as f64 / 1e9)
+    } else if ns < 3_600_000_000_000 {
+        format!("{}m{:02}s", ns / 60_000_000_000, (ns / 1_000_000_000) % 60)
+    } else {
+        format!("{}h{:02}m", ns / 3_600_000_000_000, (ns / 60_000_000_000) % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_in_the_right_unit() {
+        assert_eq!(human(52_000), "0.052ms");
+        assert_eq!(human(12_345_678), "12.3ms");
+        assert_eq!(human(4_200_000_000), "4.2s");
+        assert_eq!(human(12 * 60_000_000_000 + 5_000_000_000), "12m05s");
+        assert_eq!(human(3 * 3_600_000_000_000 + 5 * 60_000_000_000), "3h05m");
+    }
+
+    #[test]
+    fn wall_clock_applies_the_offset() {
+        let c = WallClock::new(1_700_000_000_000_000_000);
+        assert_eq!(c.rfc3339(123), "2023-11-14T22:13:20.000000123Z");
+        assert_eq!(WallClock::identity().unix_ns(5), 5);
+        assert_eq!(c.local_hms(0).len(), "HH:MM:SS.mmm".len());
+    }
+}
