@@ -248,8 +248,8 @@ mod tests {
 
     #[test]
     fn an_unwritable_file_is_an_error_at_start_and_sizes_parse() {
-        let err = OutputFile::create(Path::new("/proc/version")).err().expect("read-only file");
-        assert!(err.to_string().starts_with("cannot write the output file /proc/version"), "{err}");
+        let err = OutputFile::create(Path::new("/nonexistent-dir/out.ndjson")).err().expect("no such directory");
+        assert!(err.to_string().starts_with("cannot write the output file /nonexistent-dir/out.ndjson"), "{err}");
         assert_eq!(parse_size("100M"), Ok(100 << 20));
         assert_eq!(parse_size("1.5G"), Ok(3 << 29));
         assert_eq!(parse_size("64KiB"), Ok(64 << 10));
