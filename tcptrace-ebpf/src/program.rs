@@ -192,7 +192,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let starts_life = (old == TCP_CLOSE && (new == TCP_SYN_SENT || new == TCP_LISTEN))
         || (old == TCP_LISTEN && new == TCP_SYN_RECV);
     let mut flags = 0u32;
-    let existing = if starts_life { None } else { SOCKS.get_ptr_mut(&skaddr) };
+    let existing = if starts_life { None } else { SOCKS.get_ptr_mut(skaddr) };
     let mut info = match existing {
         // SAFETY: a map value we hold no other reference to; copied out.
         Some(p) => unsafe { *p },
@@ -205,10 +205,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             }
         }
     };
-    if source != OWNER_SRC_NONE {
-        if let Some(owner) = current_owner(source) {
-            info.owner = owner;
-        }
+    if source != OWNER_SRC_NONE
+        && let Some(owner) = current_owner(source)
+    {
+        info.owner = owner;
     }
     info.saddr = saddr;
     info.daddr = daddr;
@@ -218,16 +218,23 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 
     if new == TCP_CLOSE {
         // This life is over: the next one on this skaddr gets a new identity.
-        let _ = SOCKS.remove(&skaddr);
+        let _ = SOCKS.remove(skaddr);
     } else if let Some(p) = existing {
         // SAFETY: same map value as above, still ours for this program run.
         unsafe { *p = info };
-    } else if SOCKS.insert(&skaddr, &info, u64::from(BPF_ANY)).is_err() {
+    } else if insert_sock(&skaddr, &info).is_err() {
         flags |= EVENT_F_UNTRACKED;
         bump(COUNTER_SOCK_MAP_FULL);
     }
     emit(&info, skaddr, old, new, flags, cpu);
     Ok(())
+}
+
+/// By reference on purpose: passing the 96-byte value lets LLVM copy it once more on the
+/// 512-byte BPF stack, which then overflows.
+#[inline(always)]
+fn insert_sock(skaddr: &u64, info: &SockInfo) -> Result<(), i32> {
+    SOCKS.insert(skaddr, info, u64::from(BPF_ANY))
 }
 
 /// Writes one event for the connection `info` into the ring buffer (or counts its loss).

@@ -25,7 +25,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error(
-        "tcptrace needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE) to load its eBPF program; run it with sudo"
+        "loading the eBPF program needs root or the CAP_BPF and CAP_PERFMON capabilities; run tcptrace with sudo"
     )]
     NotPermitted,
     #[error(transparent)]

@@ -28,6 +28,9 @@ pub struct OutputFile {
     at_line_start: bool,
     /// Whether the current failure was already reported (one message per failure spell).
     failing: bool,
+    /// Bytes were buffered since the last flush: only a flush that writes them proves the
+    /// file works again.
+    pending: bool,
 }
 
 fn open(path: &Path) -> io::Result<(BufWriter<File>, u64)> {
@@ -54,6 +57,7 @@ impl OutputFile {
             size,
             at_line_start: true,
             failing: false,
+            pending: false,
         })
     }
 
@@ -137,9 +141,10 @@ impl Write for OutputFile {
         }
         if let Some(f) = self.file.as_mut() {
             match f.write_all(buf) {
+                // Buffered only: the failure spell ends at a flush that reaches the file.
                 Ok(()) => {
-                    self.failing = false;
                     self.size += buf.len() as u64;
+                    self.pending = true;
                 }
                 Err(e) => {
                     self.report("writing to", &e);
@@ -156,9 +161,17 @@ impl Write for OutputFile {
 
     fn flush(&mut self) -> io::Result<()> {
         if let Some(f) = self.file.as_mut() {
-            if let Err(e) = f.flush() {
-                self.report("writing to", &e);
-                self.file = None;
+            match f.flush() {
+                Ok(()) if self.pending => {
+                    self.pending = false;
+                    self.failing = false;
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    self.pending = false;
+                    self.report("writing to", &e);
+                    self.file = None;
+                }
             }
         }
         if self.at_line_start {

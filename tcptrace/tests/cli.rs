@@ -1,0 +1,318 @@
+//! The real `tcptrace` binary, as users and pipelines run it: errors, signals, outputs.
+//! Failures print the command and what it wrote.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{kernel_tests_enabled, lock};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tcptrace");
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tcptrace-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn show(cmd: &str, o: &Output) -> String {
+    format!(
+        "command: {cmd}\nstatus: {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run tcptrace")
+}
+
+/// `n` loopback connections, client closing first; returns the listening port.
+fn churn(n: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    for _ in 0..n {
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        drop(c);
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0);
+    }
+    port
+}
+
+/// Starts the tracer and waits until it is attached (it logs so on stderr).
+fn start(args: &[&str], stdout: Stdio) -> Child {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tcptrace");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("tracing TCP state changes") => break,
+            Some(Ok(_)) => {}
+            _ => panic!("tcptrace {args:?} did not start"),
+        }
+        assert!(Instant::now() < deadline, "tcptrace {args:?} did not start in time");
+    }
+    // Keep draining stderr so the child never blocks on it; keep it for assertions.
+    let collected = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let c = collected.clone();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            c.lock().unwrap().push_str(&l);
+            c.lock().unwrap().push('\n');
+        }
+    });
+    STDERR.with(|s| *s.borrow_mut() = Some(collected));
+    child
+}
+
+thread_local! {
+    static STDERR: std::cell::RefCell<Option<std::sync::Arc<std::sync::Mutex<String>>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn stderr_so_far() -> String {
+    STDERR.with(|s| s.borrow().as_ref().map(|m| m.lock().unwrap().clone()).unwrap_or_default())
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+fn wait(mut child: Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tcptrace did not exit within {within:?}; stderr:\n{}", stderr_so_far());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ndjson_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(text.is_empty() || text.ends_with('\n'), "{} ends with a complete line", path.display());
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display())))
+        .collect()
+}
+
+fn transitions_on(lines: &[serde_json::Value], port: u16) -> usize {
+    lines
+        .iter()
+        .filter(|v| v["type"] == "transition" && (v["lport"] == port || v["rport"] == port))
+        .count()
+}
+
+#[test]
+fn bad_flags_and_missing_privileges_are_one_sentence_and_nonzero() {
+    let o = run(&["--view", "everything"]);
+    assert!(!o.status.success(), "{}", show("tcptrace --view everything", &o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid value 'everything'"), "{}", show("--view", &o));
+
+    let o = run(&["--duration", "soon"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("examples: 500ms, 30s, 5m"), "{}", show("--duration soon", &o));
+
+    // Without privileges: drop every capability and become nobody.
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", BIN])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{}", show("setpriv … tcptrace", &o));
+    assert_eq!(
+        err.trim(),
+        "tcptrace: loading the eBPF program needs root or the CAP_BPF and CAP_PERFMON capabilities; run tcptrace with sudo",
+        "{}",
+        show("setpriv … tcptrace", &o)
+    );
+    assert!(!err.contains("backtrace") && !err.contains("panicked"));
+}
+
+#[test]
+fn analyze_reports_a_malformed_line_by_number_and_keeps_what_it_computed() {
+    let d = tmpdir("analyze");
+    let log = d.join("log.ndjson");
+    let good = r#"{"type":"transition","schema":1,"ts_ns":1000,"time":"2026-01-01T00:00:00Z","conn_id":4096,"skaddr":"0x1","family":"ipv4","laddr":"127.0.0.1","lport":0,"raddr":"127.0.0.1","rport":80,"old":"CLOSE","new":"SYN_SENT","owner_pid":7,"owner_tid":7,"owner_comm":"curl","owner_source":"kernel","task_pid":7,"task_tid":7,"task_comm":"curl","starts_conn":true,"midlife":false,"cpu":0}"#;
+    let second = good.replace("\"ts_ns\":1000", "\"ts_ns\":2000").replace("\"lport\":0", "\"lport\":5555").replace("\"old\":\"CLOSE\",\"new\":\"SYN_SENT\"", "\"old\":\"SYN_SENT\",\"new\":\"ESTABLISHED\"").replace("\"starts_conn\":true", "\"starts_conn\":false");
+    std::fs::write(&log, format!("{good}\n{second}\n{{\"type\":\"transition\",\"schema\":1,\"ts_ns\":\n{good}\n")).unwrap();
+    let o = run(&["analyze", log.to_str().unwrap(), "--view", "none"]);
+    let cmd = format!("tcptrace analyze {}", log.display());
+    assert_eq!(o.status.code(), Some(1), "{}", show(&cmd, &o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("malformed log at line 3: not JSON"), "{}", show(&cmd, &o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("3 lines, 2 transitions"), "what was computed is reported: {}", show(&cmd, &o));
+
+    let o = run(&["analyze", log.to_str().unwrap(), "--view", "none", "--skip-bad"]);
+    assert!(o.status.success(), "{}", show(&cmd, &o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("4 lines, 3 transitions, 1 bad lines skipped"), "{}", show(&cmd, &o));
+
+    let o = run(&["analyze", "/nonexistent/log.ndjson"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with("tcptrace: cannot open the log /nonexistent/log.ndjson"), "{}", show("analyze missing", &o));
+}
+
+#[test]
+fn sigterm_flushes_everything_and_analyze_reads_it_back() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    let d = tmpdir("sigterm");
+    let out = d.join("trace.ndjson");
+    let child = start(&["--view", "none", "--output", out.to_str().unwrap()], Stdio::null());
+    let port = churn(50);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, libc::SIGTERM);
+    assert!(wait(child, Duration::from_secs(10)).success(), "{}", stderr_so_far());
+    let lines = ndjson_lines(&out);
+    assert_eq!(transitions_on(&lines, port), 50 * 10 + 2, "no transition lost");
+    let last = lines.last().expect("lines");
+    assert_eq!(last["type"], "summary", "the last line is the complete summary");
+    assert_eq!(last["lost"], 0);
+    assert!(lines.iter().any(|v| v["type"] == "lifecycle" && v["close_kind"] == "passive_close"));
+
+    let o = run(&["analyze", out.to_str().unwrap(), "--view", "none"]);
+    assert!(o.status.success(), "{}", show("analyze", &o));
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(report.contains("active_close=") && report.contains("passive_close="), "{report}");
+    assert!(report.contains("handshake ("), "{report}");
+}
+
+#[test]
+fn output_rotates_by_size_and_reopens_on_sighup() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    let d = tmpdir("rotate");
+    let out = d.join("trace.ndjson");
+    let child = start(
+        &["--view", "none", "--output", out.to_str().unwrap(), "--rotate-size", "64K", "--rotate-keep", "50"],
+        Stdio::null(),
+    );
+    let port1 = churn(100);
+    std::thread::sleep(Duration::from_millis(300));
+    // logrotate's way: move the file, then HUP.
+    let moved = d.join("moved.ndjson");
+    std::fs::rename(&out, &moved).unwrap();
+    signal(&child, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    let port2 = churn(20);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, libc::SIGTERM);
+    assert!(wait(child, Duration::from_secs(10)).success(), "{}", stderr_so_far());
+
+    let files: Vec<PathBuf> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("trace.ndjson."))
+        .collect();
+    assert!(files.len() >= 2, "~1200 lines of ~500 B overflow 64K more than once: {files:?}");
+    let mut all = ndjson_lines(&moved);
+    for p in &files {
+        assert!(std::fs::metadata(p).unwrap().len() < 64 * 1024 + 4096, "{} stays near the limit", p.display());
+        all.extend(ndjson_lines(p));
+    }
+    let current = ndjson_lines(&out);
+    all.extend(current.iter().cloned());
+    // Every line is somewhere, exactly once, and whole (ndjson_lines parses each one).
+    assert_eq!(transitions_on(&all, port1), 100 * 10 + 2);
+    assert_eq!(transitions_on(&all, port2), 20 * 10 + 2);
+    // The moved file stopped at SIGHUP; the reopened path got the later lines.
+    assert_eq!(transitions_on(&ndjson_lines(&moved), port2), 0, "the moved file got nothing after SIGHUP");
+    assert!(transitions_on(&current, port2) > 0, "the reopened file gets the new lines");
+    assert_eq!(current.last().unwrap()["type"], "summary");
+}
+
+#[test]
+fn a_full_disk_is_reported_once_and_tracing_goes_on() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    let mut child = start(&["--output", "/dev/full"], Stdio::piped());
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        BufReader::new(stdout).read_to_string(&mut s).unwrap();
+        s
+    });
+    let port = churn(5);
+    std::thread::sleep(Duration::from_millis(400));
+    signal(&child, libc::SIGINT);
+    assert!(wait(child, Duration::from_secs(10)).success(), "{}", stderr_so_far());
+    let printed = reader.join().unwrap();
+    let on_port = printed.lines().filter(|l| l.contains(&format!(":{port} "))).count();
+    assert_eq!(on_port, 5 * 10 + 2, "the terminal still got everything:\n{printed}");
+    let err = stderr_so_far();
+    let reports: Vec<&str> = err.lines().filter(|l| l.contains("/dev/full")).collect();
+    assert_eq!(reports.len(), 1, "one clear error, not one per line:\n{err}");
+    assert!(reports[0].contains("No space left on device") && reports[0].contains("tracing goes on"), "{err}");
+}
+
+#[test]
+fn a_closed_pipe_ends_tracing_quietly() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    let mut child = start(&[], Stdio::piped());
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut header = String::new();
+    churn(1);
+    stdout.read_line(&mut header).unwrap();
+    assert!(header.starts_with("TIME"), "{header}");
+    drop(stdout); // like `| head -1` exiting
+    churn(20);
+    let status = wait(child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}; stderr:\n{}", stderr_so_far());
+    let err = stderr_so_far();
+    assert!(!err.contains("error") && !err.contains("panicked"), "quiet exit:\n{err}");
+}
+
+#[test]
+fn csv_output_has_a_header_and_parses_back() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    let d = tmpdir("csv");
+    let out = d.join("trace.csv");
+    let child = start(&["--view", "none", "--format", "csv", "--output", out.to_str().unwrap()], Stdio::null());
+    let port = churn(10);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, libc::SIGTERM);
+    assert!(wait(child, Duration::from_secs(10)).success(), "{}", stderr_so_far());
+    let mut r = csv::Reader::from_path(&out).unwrap();
+    let headers = r.headers().unwrap().clone();
+    assert_eq!(&headers[0], "type");
+    let rows: Vec<tcptrace::sink::csv::CsvRow> = r.deserialize().map(|row| row.expect("a valid row")).collect();
+    let ours = rows
+        .iter()
+        .filter(|r| r.kind == "transition" && (r.lport == Some(port) || r.rport == Some(port)))
+        .count();
+    assert_eq!(ours, 10 * 10 + 2);
+    assert_eq!(rows.last().unwrap().kind, "summary");
+    let _ = std::io::stdout().flush();
+}
