@@ -1,1 +1,489 @@
-//! placeholder
+//! The lifecycle engine: follows every connection through Linux's TCP state machine, keyed
+//! by conn_id, and turns transitions into per-event records, per-connection lifecycles and
+//! (through the rules) alerts. Pure: transitions and a clock in, outputs out; it never
+//! reads the wall clock, the kernel or the environment, so replay and live share it.
+//!
+//! Hot path budget: one hash operation per event (CLOSE removes, anything else finds or
+//! inserts), no allocation except when a lifecycle or an alert is emitted.
+
+mod close_kind;
+mod conn;
+mod lifecycle;
+mod state_machine;
+mod stats;
+mod table;
+#[cfg(test)]
+pub(crate) mod testkit;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_owner;
+#[cfg(test)]
+mod tests_props;
+
+pub use close_kind::{CloseEvidence, CloseKind, classify};
+pub use lifecycle::{EndReason, Family, LifecycleRecord, PathStep, Role};
+pub use state_machine::{in_owner_context, is_legal, starts_identity};
+pub use stats::{CloseKindCounts, EngineStats};
+pub use table::{IdHasher, IdMap};
+
+use crate::event::{Task, TcpState, Transition};
+use crate::rules::{Alert, Rule, RuleEvent, RulesConfig, default_rules};
+use conn::{
+    Conn, F_ENTRY_UNKNOWN, F_GAP, F_ILLEGAL, F_PARTIAL_START, F_REFERENCED, F_SPILLED, Spill, Steps,
+};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::net::SocketAddr;
+use table::{Owners, Slab, map_heap_bytes};
+
+/// Engine settings. `Default` gives the documented defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Connections tracked at most. Default 1,000,000 (about 135 MB: 96 B per connection
+    /// in the slab plus ~36 B in the index). At the cap the least recently active
+    /// connection (CLOCK approximation; listeners last) is evicted and emitted as a
+    /// partial lifecycle with `end: "evicted"`.
+    pub max_connections: usize,
+    pub rules: RulesConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> EngineConfig {
+        let max_connections = 1_000_000;
+        EngineConfig {
+            max_connections,
+            rules: RulesConfig {
+                max_sockets: max_connections,
+                ..RulesConfig::default()
+            },
+        }
+    }
+}
+
+/// One transition with what the engine knows about its connection. Emitted for every
+/// event, so it stays `Copy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransitionRecord {
+    pub t: Transition,
+    /// Time spent in `t.old`, i.e. since the connection's previous state change; None when
+    /// unknown (first sight, lost events, or the clock went backwards).
+    pub in_old_state_ns: Option<u64>,
+    /// Best known owner (see `Engine` docs); None rather than a guess.
+    pub owner: Option<Task>,
+    pub role: Role,
+    /// Legal for Linux's TCP state machine.
+    pub legal: bool,
+    /// `t.old` was not the state last seen for this connection: events were lost.
+    pub gap: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Transition(TransitionRecord),
+    Lifecycle(LifecycleRecord),
+    Alert(Alert),
+}
+
+/// Listening sockets by local address, for accepted children to inherit their owner.
+#[derive(Clone, Copy, Debug)]
+struct ListenerEntry {
+    /// The owner all listeners on this address share; None if unknown or they differ
+    /// (SO_REUSEPORT across processes: a child's accepting process cannot be told).
+    owner: Option<Task>,
+    count: u32,
+}
+
+/// Everything besides the slab and the index, split out so a `&mut Conn` in the slab can
+/// be updated alongside it.
+struct Books {
+    spill: Spill,
+    owners: Owners,
+    listeners: HashMap<SocketAddr, ListenerEntry>,
+    state_counts: [u64; 14],
+    stats: EngineStats,
+}
+
+/// The lifecycle engine. Owner attribution: `Transition::owner` when the kernel side knows
+/// it; else the event's task, but only for transitions made in the owner's own syscall
+/// (connect, listen, close, shutdown); an accepted child inherits its listener's owner
+/// (found by the listener's local address) until one of those says otherwise.
+pub struct Engine {
+    cfg: EngineConfig,
+    slab: Slab,
+    index: IdMap<u32>,
+    books: Books,
+    rules: Vec<Box<dyn Rule>>,
+    alerts: Vec<Alert>,
+}
+
+impl Engine {
+    pub fn new(mut cfg: EngineConfig) -> Engine {
+        cfg.max_connections = cfg.max_connections.max(1);
+        // Rules never see more sockets than the engine tracks.
+        cfg.rules.max_sockets = cfg.rules.max_sockets.min(cfg.max_connections);
+        let rules = default_rules(&cfg.rules);
+        Engine::with_rules(cfg, rules)
+    }
+
+    /// An engine running exactly `rules` (tests, or a CLI that disables some).
+    pub fn with_rules(cfg: EngineConfig, rules: Vec<Box<dyn Rule>>) -> Engine {
+        Engine {
+            cfg,
+            slab: Slab::new(),
+            index: IdMap::default(),
+            books: Books {
+                spill: Spill::new(),
+                owners: Owners::new(),
+                listeners: HashMap::new(),
+                state_counts: [0; 14],
+                stats: EngineStats::default(),
+            },
+            rules,
+            alerts: Vec::new(),
+        }
+    }
+
+    /// (name, description) of every active rule.
+    pub fn rules(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
+        self.rules.iter().map(|r| (r.name(), r.describe()))
+    }
+
+    /// Feeds one transition; `t.ts_ns` is the clock at that moment. Pushes, in order: the
+    /// lifecycle of a superseded identity (rare), this event's `Transition` record, the
+    /// `Lifecycle` it ended (if any), alerts, then an eviction's lifecycle and alerts.
+    pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Output>) {
+        let legal = is_legal(t.old, t.new);
+        self.books.stats.transitions += 1;
+        if !legal {
+            self.books.stats.illegal += 1;
+        }
+        let fresh_start = !t.midlife && (t.starts_conn || starts_identity(t.old, t.new));
+        let (rec, prev, local, remote, handshake_ns, lifecycle, protect) =
+            if t.new == TcpState::Close {
+                // Removing first keeps CLOSE at one hash operation.
+                let (mut c, prev) = match self.index.remove(&t.conn_id) {
+                    Some(s) => {
+                        let c = self.slab.release(s);
+                        let prev = c.state();
+                        (c, prev)
+                    }
+                    None if t.old == TcpState::Close => {
+                        // close() on a never-connected or already-closed socket: no lifecycle.
+                        let rec = TransitionRecord {
+                            t: *t,
+                            in_old_state_ns: None,
+                            owner: t.owner,
+                            role: Role::Unknown,
+                            legal,
+                            gap: false,
+                        };
+                        self.emit(&rec, None, t.local, t.remote, None, None, out);
+                        return;
+                    }
+                    None => (begin(t, fresh_start, &mut self.books), None),
+                };
+                let b = &mut self.books;
+                let (rec, _) = apply(&mut c, t, prev, legal, b);
+                let kind = classify(
+                    t.old,
+                    lifecycle::time_wait_from(&c, &b.spill),
+                    CloseEvidence::default(),
+                );
+                let lc = LifecycleRecord::from_conn(
+                    &c,
+                    &b.spill,
+                    rec.owner,
+                    t.ts_ns,
+                    EndReason::Closed,
+                    Some(kind),
+                );
+                b.stats.lifecycles_closed += 1;
+                b.stats.lifecycles_complete += u64::from(lc.complete);
+                b.stats.close_kinds.add(kind);
+                retire(&c, b);
+                (rec, prev, c.local(), c.remote(), None, Some(lc), u32::MAX)
+            } else {
+                let (slot, mut prev) = match self.index.entry(t.conn_id) {
+                    Entry::Occupied(e) => {
+                        let s = *e.get();
+                        (s, self.slab.get(s).state())
+                    }
+                    Entry::Vacant(v) => {
+                        let s = self.slab.alloc(begin(t, fresh_start, &mut self.books));
+                        v.insert(s);
+                        (s, None)
+                    }
+                };
+                if prev.is_some() && fresh_start && t.starts_conn {
+                    // A new identity under a live conn_id: let the old one go whole.
+                    let fresh = begin(t, true, &mut self.books);
+                    let old = std::mem::replace(self.slab.get_mut(slot), fresh);
+                    self.books.stats.superseded += 1;
+                    self.let_go(old, t.ts_ns, EndReason::Superseded, true, out);
+                    prev = None;
+                }
+                let b = &mut self.books;
+                let c = self.slab.get_mut(slot);
+                let (rec, entered_established) = apply(c, t, prev, legal, b);
+                let hs = if entered_established {
+                    lifecycle::handshake_ns(Steps::new(c.path_bytes(&b.spill), c.first_ts))
+                } else {
+                    None
+                };
+                (rec, prev, c.local(), c.remote(), hs, None, slot)
+            };
+        self.emit(&rec, prev, local, remote, handshake_ns, lifecycle, out);
+        if self.index.len() > self.cfg.max_connections {
+            self.evict_one(protect, t.ts_ns, out);
+        }
+    }
+
+    /// Timer-driven evaluation: stuck sockets age, windows slide, findings resolve.
+    pub fn tick(&mut self, now_ns: u64, out: &mut Vec<Output>) {
+        for r in &mut self.rules {
+            r.tick(now_ns, &mut self.alerts);
+        }
+        out.extend(self.alerts.drain(..).map(Output::Alert));
+    }
+
+    /// End of input: a last `tick`, then every connection still open is emitted as a
+    /// partial lifecycle (`end: "finished"`) and forgotten. Findings still firing are left
+    /// firing: the sockets were not seen to close. The engine is empty afterwards.
+    pub fn finish(&mut self, now_ns: u64, out: &mut Vec<Output>) {
+        self.tick(now_ns, out);
+        let slots: Vec<u32> = self.slab.live_slots().collect();
+        for s in slots {
+            let c = self.slab.release(s);
+            self.index.remove(&c.conn_id);
+            self.let_go(c, now_ns, EndReason::Finished, false, out);
+        }
+        for r in &mut self.rules {
+            r.finish();
+        }
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let b = &self.books;
+        EngineStats {
+            tracked: self.index.len() as u64,
+            listeners: b.listeners.values().map(|l| u64::from(l.count)).sum(),
+            owners: b.owners.len() as u64,
+            ..b.stats
+        }
+    }
+
+    /// Tracked connections per state, indexed by kernel state number (what `ss -tan` would
+    /// count for them). CLOSE is always 0: a closed connection is no longer tracked; and
+    /// TIME_WAIT mini-sockets are not tracked until the TIME_WAIT hooks exist.
+    pub fn current_state_counts(&self) -> [u64; 14] {
+        self.books.state_counts
+    }
+
+    /// Estimated heap held by the engine's tables (not the rules): for the memory budget.
+    pub fn heap_bytes(&self) -> usize {
+        let b = &self.books;
+        self.slab.heap_bytes()
+            + map_heap_bytes(self.index.capacity(), std::mem::size_of::<(u64, u32)>())
+            + b.owners.heap_bytes()
+            + map_heap_bytes(
+                b.listeners.capacity(),
+                std::mem::size_of::<(SocketAddr, ListenerEntry)>(),
+            )
+            + b.spill.values().map(|v| v.capacity()).sum::<usize>()
+            + map_heap_bytes(b.spill.capacity(), std::mem::size_of::<(u64, Vec<u8>)>())
+    }
+
+    /// Items held by all rules, to check they stay bounded.
+    pub fn rules_footprint(&self) -> usize {
+        self.rules.iter().map(|r| r.footprint()).sum()
+    }
+
+    /// Runs the rules on one event and pushes record, lifecycle, alerts.
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        rec: &TransitionRecord,
+        prev_state: Option<TcpState>,
+        local: SocketAddr,
+        remote: SocketAddr,
+        handshake_ns: Option<u64>,
+        lifecycle: Option<LifecycleRecord>,
+        out: &mut Vec<Output>,
+    ) {
+        let ev = RuleEvent {
+            rec,
+            prev_state,
+            local,
+            remote,
+            handshake_ns,
+            closed: lifecycle.as_ref(),
+        };
+        for r in &mut self.rules {
+            r.on_transition(&ev, &mut self.alerts);
+        }
+        out.push(Output::Transition(*rec));
+        if let Some(lc) = lifecycle {
+            out.push(Output::Lifecycle(lc));
+        }
+        out.extend(self.alerts.drain(..).map(Output::Alert));
+    }
+
+    fn evict_one(&mut self, protect: u32, now: u64, out: &mut Vec<Output>) {
+        let Some(s) = self.slab.victim(protect) else {
+            return;
+        };
+        let c = self.slab.release(s);
+        self.index.remove(&c.conn_id);
+        self.books.stats.evicted += 1;
+        self.let_go(c, now, EndReason::Evicted, true, out);
+    }
+
+    /// Emits a connection that did not reach CLOSE as a partial lifecycle and frees what
+    /// it held; with `tell_rules`, rules drop their per-socket state for it.
+    fn let_go(
+        &mut self,
+        c: Conn,
+        now: u64,
+        end: EndReason,
+        tell_rules: bool,
+        out: &mut Vec<Output>,
+    ) {
+        let b = &mut self.books;
+        let st = c.state();
+        if let Some(st) = st {
+            b.state_counts[st as usize] = b.state_counts[st as usize].saturating_sub(1);
+        }
+        let lc = LifecycleRecord::from_conn(&c, &b.spill, b.owners.get(c.owner), now, end, None);
+        b.stats.lifecycles_partial += 1;
+        retire(&c, b);
+        out.push(Output::Lifecycle(lc));
+        if let (true, Some(st)) = (tell_rules, st) {
+            for r in &mut self.rules {
+                r.on_forget(c.conn_id, st, now, &mut self.alerts);
+            }
+            out.extend(self.alerts.drain(..).map(Output::Alert));
+        }
+    }
+}
+
+/// A connection as first seen: its origin state (the transition's old state) has no known
+/// start time; a mid-life sighting is marked partial.
+fn begin(t: &Transition, full: bool, b: &mut Books) -> Conn {
+    let mut c = Conn::fresh(t.conn_id, t.ts_ns, t.old, Role::from_first(t.old, t.new));
+    c.flags |= F_ENTRY_UNKNOWN;
+    if !full {
+        c.flags |= F_PARTIAL_START;
+        b.stats.partial_starts += 1;
+    }
+    c.push_untimed(&mut b.spill, t.old, !full);
+    c
+}
+
+/// Applies one transition to a connection. Returns its record and whether it just
+/// entered ESTABLISHED.
+fn apply(
+    c: &mut Conn,
+    t: &Transition,
+    prev: Option<TcpState>,
+    legal: bool,
+    b: &mut Books,
+) -> (TransitionRecord, bool) {
+    use TcpState::*;
+    let ts = t.ts_ns;
+    let gap = prev.is_some_and(|p| p != t.old);
+    let in_old_state_ns = if prev.is_none() || gap || c.has(F_ENTRY_UNKNOWN) {
+        None
+    } else {
+        ts.checked_sub(c.last_ts)
+    };
+    if prev == Some(Listen) && t.new != Listen {
+        unlisten(c, b);
+    }
+    // A listener's address is its registration key: it must not move while listening.
+    if prev != Some(Listen) {
+        c.absorb_tuple(&t.local, &t.remote);
+    }
+    let owner = if t.owner.is_some() {
+        t.owner
+    } else if in_owner_context(t.old, t.new) && t.task.pid != 0 {
+        Some(t.task)
+    } else if prev.is_none() && t.old == Listen && t.new == SynRecv {
+        b.listeners.get(&t.local).and_then(|l| l.owner)
+    } else {
+        None
+    };
+    // Comparing first keeps the owner table out of the hot path when nothing changed.
+    match owner {
+        Some(o) if b.owners.get(c.owner) != Some(o) => {
+            b.owners.release(c.owner);
+            c.owner = b.owners.intern(o);
+        }
+        _ => {}
+    }
+    if gap {
+        c.flags |= F_GAP | F_ENTRY_UNKNOWN;
+        b.stats.gaps += 1;
+        c.push_untimed(&mut b.spill, t.old, true);
+    }
+    if !legal {
+        c.flags |= F_ILLEGAL;
+    }
+    if t.old != t.new {
+        c.push_timed(&mut b.spill, t.new, ts);
+        c.flags &= !F_ENTRY_UNKNOWN;
+    }
+    if let Some(p) = prev {
+        b.state_counts[p as usize] = b.state_counts[p as usize].saturating_sub(1);
+    }
+    if t.new != Close {
+        b.state_counts[t.new as usize] += 1;
+    }
+    c.state = t.new as u8;
+    c.flags |= F_REFERENCED;
+    if t.new == Listen && prev != Some(Listen) {
+        relisten(c, b);
+    }
+    let rec = TransitionRecord {
+        t: *t,
+        in_old_state_ns,
+        owner: b.owners.get(c.owner),
+        role: c.role,
+        legal,
+        gap,
+    };
+    (rec, t.new == Established && prev != Some(Established))
+}
+
+fn relisten(c: &Conn, b: &mut Books) {
+    let owner = b.owners.get(c.owner);
+    let e = b
+        .listeners
+        .entry(c.local())
+        .or_insert(ListenerEntry { owner, count: 0 });
+    if e.count > 0 && e.owner.map(|o| o.pid) != owner.map(|o| o.pid) {
+        e.owner = None;
+    }
+    e.count += 1;
+}
+
+fn unlisten(c: &Conn, b: &mut Books) {
+    let key = c.local();
+    if let Some(e) = b.listeners.get_mut(&key) {
+        e.count -= 1;
+        if e.count == 0 {
+            b.listeners.remove(&key);
+        }
+    }
+}
+
+/// Frees what a connection held outside the slab.
+fn retire(c: &Conn, b: &mut Books) {
+    if c.state() == Some(TcpState::Listen) {
+        unlisten(c, b);
+    }
+    b.owners.release(c.owner);
+    if c.has(F_SPILLED) {
+        b.spill.remove(&c.conn_id);
+    }
+}
