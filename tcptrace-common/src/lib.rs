@@ -59,6 +59,9 @@ pub const OWNER_SRC_NONE: u32 = 0;
 pub const OWNER_SRC_CONNECT: u32 = 1;
 pub const OWNER_SRC_LISTEN: u32 = 2;
 pub const OWNER_SRC_CLOSE: u32 = 3;
+/// Inherited from the listener when the kernel created the child: the socket sits in that
+/// listener's accept queue until some process's close() names its real owner.
+pub const OWNER_SRC_LISTENER: u32 = 4;
 
 /// What the kernel keeps per live socket (key: skaddr): identity, owner and last tuple.
 #[repr(C)]
@@ -117,6 +120,46 @@ pub struct TracepointLayout {
     pub _pad: u16,
 }
 
+/// An address prefix for the in-kernel filters. `family` is AF_INET or AF_INET6; a v4 prefix
+/// also matches IPv4-mapped IPv6 addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: [u8; 16],
+    pub family: u16,
+    pub prefix_len: u8,
+    pub _pad: [u8; 5],
+}
+
+pub const MAX_FILTER_PORTS: usize = 8;
+pub const FILTER_FAMILY: u32 = 1 << 0;
+pub const FILTER_PORTS: u32 = 1 << 1;
+pub const FILTER_LADDR: u32 = 1 << 2;
+pub const FILTER_RADDR: u32 = 1 << 3;
+pub const FILTER_PID: u32 = 1 << 4;
+pub const FILTER_COMM: u32 = 1 << 5;
+
+/// In-kernel filters, written by the daemon into a read-only global before load, so that
+/// filtered-out transitions never reach the ring buffer. All set filters must match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// `FILTER_*` bits of the filters in use; 0 keeps everything.
+    pub flags: u32,
+    /// Owner's process id (tgid), with `FILTER_PID`.
+    pub pid: u32,
+    /// AF_INET or AF_INET6, with `FILTER_FAMILY`.
+    pub family: u16,
+    pub n_ports: u16,
+    /// Local or remote port, any of the first `n_ports`.
+    pub ports: [u16; MAX_FILTER_PORTS],
+    pub _pad: u32,
+    pub laddr: Cidr,
+    pub raddr: Cidr,
+    /// Owner's comm, NUL-padded, with `FILTER_COMM`.
+    pub comm: [u8; 16],
+}
+
 /// Per-CPU counters kept by the program, indices into its `COUNTERS` array.
 pub const COUNTER_SUBMITTED: u32 = 0;
 /// A ring-buffer reserve failed: the event is lost, and counted here.
@@ -125,7 +168,9 @@ pub const COUNTER_RINGBUF_FULL: u32 = 1;
 pub const COUNTER_READ_ERROR: u32 = 2;
 /// The connection-identity map was full (see `EVENT_F_UNTRACKED`).
 pub const COUNTER_SOCK_MAP_FULL: u32 = 3;
-pub const COUNTER_COUNT: u32 = 4;
+/// TCP transitions the in-kernel filters dropped (on purpose; not a loss).
+pub const COUNTER_FILTERED: u32 = 4;
+pub const COUNTER_COUNT: u32 = 5;
 
 /// Default capacity of the kernel map that carries identity and owner across a socket's
 /// events (~130 bytes each, preallocated); `--max-sockets` changes it at load time.
@@ -143,9 +188,12 @@ mod user {
     unsafe impl aya::Pod for super::StateEvent {}
     unsafe impl aya::Pod for super::TracepointLayout {}
     unsafe impl aya::Pod for super::SockInfo {}
+    unsafe impl aya::Pod for super::Filter {}
 }
 
 const _: () = assert!(core::mem::size_of::<StateEvent>() == 136);
 const _: () = assert!(core::mem::size_of::<Owner>() == 40);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 96);
 const _: () = assert!(core::mem::size_of::<TracepointLayout>() == 28);
+const _: () = assert!(core::mem::size_of::<Cidr>() == 24);
+const _: () = assert!(core::mem::size_of::<Filter>() == 96);

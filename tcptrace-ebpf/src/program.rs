@@ -15,7 +15,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use tcptrace_common::{
-    AF_INET6, COUNTER_COUNT, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL,
+    AF_INET, AF_INET6, COUNTER_COUNT, COUNTER_FILTERED, Cidr, FILTER_COMM, FILTER_FAMILY,
+    FILTER_LADDR, FILTER_PID, FILTER_PORTS, FILTER_RADDR, Filter, MAX_FILTER_PORTS,
+    OWNER_SRC_LISTENER, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL,
     COUNTER_SUBMITTED, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN,
     EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED, IPPROTO_TCP,
     OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_NONE, Owner,
@@ -50,6 +52,20 @@ static LAYOUT: TracepointLayout = TracepointLayout {
     _pad: 0,
 };
 
+/// In-kernel filters, written by the daemon before load.
+#[unsafe(no_mangle)]
+static FILTER: Filter = Filter {
+    flags: 0,
+    pid: 0,
+    family: 0,
+    n_ports: 0,
+    ports: [0; MAX_FILTER_PORTS],
+    _pad: 0,
+    laddr: Cidr { addr: [0; 16], family: 0, prefix_len: 0, _pad: [0; 5] },
+    raddr: Cidr { addr: [0; 16], family: 0, prefix_len: 0, _pad: [0; 5] },
+    comm: [0; 16],
+};
+
 /// Bytes of unread data above which a submit wakes the reader. Below it the reader is not
 /// woken per event (the expensive part of a ring buffer) and picks the data up on its own
 /// short timer instead, which bounds the latency.
@@ -71,6 +87,11 @@ static ID_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// whose CLOSE we never see (lost event, predates us) cannot fill it up.
 #[map]
 static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(SOCK_MAP_ENTRIES, 0);
+
+/// Listening port → the listener's owner, so that a child the kernel creates for it
+/// (LISTEN→SYN_RECV, in softirq) starts life with the owner of its accept queue.
+#[map]
+static LISTENERS: LruHashMap<u16, Owner> = LruHashMap::with_max_entries(4096, 0);
 
 #[inline(always)]
 fn bump(index: u32) {
@@ -134,6 +155,103 @@ fn owner_source(old: u8, new: u8) -> u32 {
     }
 }
 
+/// A field of one of our read-only globals, read without letting the compiler fold the
+/// initialiser the daemon overrides, and without copying the whole struct onto the
+/// 512-byte stack.
+#[inline(always)]
+fn ro<T: Copy>(field: &T) -> T {
+    // SAFETY: a valid, aligned reference to our own global.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// Whether `addr` (of a socket of `family`) is inside `cidr`. A v4 prefix also matches a
+/// v4-mapped v6 address.
+#[inline(always)]
+fn in_cidr(cidr: &Cidr, family: u16, addr: &[u8; 16]) -> bool {
+    let mut a = [0u8; 16];
+    let len: usize;
+    if ro(&cidr.family) == AF_INET {
+        if family == AF_INET {
+            a[..4].copy_from_slice(&addr[..4]);
+        } else if addr[..10] == [0u8; 10] && addr[10] == 0xff && addr[11] == 0xff {
+            a[..4].copy_from_slice(&addr[12..]);
+        } else {
+            return false;
+        }
+        len = 4;
+    } else {
+        if family != AF_INET6 {
+            return false;
+        }
+        a = *addr;
+        len = 16;
+    }
+    let mut bits = u32::from(ro(&cidr.prefix_len));
+    for i in 0..16 {
+        if i >= len || bits == 0 {
+            break;
+        }
+        let take = if bits >= 8 { 8 } else { bits };
+        let mask: u8 = (0xffu16 << (8 - take)) as u8;
+        if (a[i] ^ ro(&cidr.addr[i])) & mask != 0 {
+            return false;
+        }
+        bits -= take;
+    }
+    true
+}
+
+/// The filters that need no state: family, ports, addresses. Evaluated before any map
+/// work, so a filtered-out transition costs only its field reads.
+#[inline(always)]
+fn keep_tuple(flags: u32, family: u16, sport: u16, dport: u16, saddr: &[u8; 16], daddr: &[u8; 16]) -> bool {
+    if flags & FILTER_FAMILY != 0 && family != ro(&FILTER.family) {
+        return false;
+    }
+    if flags & FILTER_PORTS != 0 {
+        let n = usize::from(ro(&FILTER.n_ports));
+        let mut hit = false;
+        for i in 0..MAX_FILTER_PORTS {
+            let p = ro(&FILTER.ports[i]);
+            if i < n && (p == sport || p == dport) {
+                hit = true;
+            }
+        }
+        if !hit {
+            return false;
+        }
+    }
+    if flags & FILTER_LADDR != 0 && !in_cidr(&FILTER.laddr, family, saddr) {
+        return false;
+    }
+    if flags & FILTER_RADDR != 0 && !in_cidr(&FILTER.raddr, family, daddr) {
+        return false;
+    }
+    true
+}
+
+/// The filters on the socket's owner (never on the task that happened to run).
+#[inline(always)]
+fn keep_owner(flags: u32, owner: &Owner) -> bool {
+    if flags & (FILTER_PID | FILTER_COMM) == 0 {
+        return true;
+    }
+    if owner.source == OWNER_SRC_NONE {
+        return false;
+    }
+    if flags & FILTER_PID != 0 && owner.tgid != ro(&FILTER.pid) {
+        return false;
+    }
+    if flags & FILTER_COMM != 0 {
+        for i in 0..16 {
+            if owner.comm[i] != ro(&FILTER.comm[i]) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     match try_inet_sock_set_state(&ctx) {
@@ -185,6 +303,11 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let sport: u16 = read(ctx, layout.sport)?;
     let dport: u16 = read(ctx, layout.dport)?;
+    let filter_flags = ro(&FILTER.flags);
+    if filter_flags != 0 && !keep_tuple(filter_flags, family, sport, dport, &saddr, &daddr) {
+        bump(COUNTER_FILTERED);
+        return Ok(());
+    }
     // SAFETY: helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
 
@@ -210,6 +333,23 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     {
         info.owner = owner;
     }
+    if old == TCP_LISTEN && new == TCP_SYN_RECV {
+        // SAFETY: a plain Owner copied out of the map.
+        if let Some(o) = unsafe { LISTENERS.get(sport) } {
+            if o.tgid != 0 {
+                info.owner = Owner { source: OWNER_SRC_LISTENER, ..*o };
+            }
+        }
+    } else if old == TCP_CLOSE && new == TCP_LISTEN {
+        // Two processes listening on one port (SO_REUSEPORT): whose queue a child joins
+        // cannot be told, so the owner of that port becomes unknown rather than a guess.
+        // SAFETY: a plain Owner copied out of the map.
+        let shared = unsafe { LISTENERS.get(sport) }.is_some_and(|o| o.tgid != info.owner.tgid);
+        let entry = if shared { Owner::default() } else { info.owner };
+        let _ = LISTENERS.insert(sport, entry, 0);
+    } else if old == TCP_LISTEN && new == TCP_CLOSE {
+        let _ = LISTENERS.remove(sport);
+    }
     info.saddr = saddr;
     info.daddr = daddr;
     info.sport = sport;
@@ -226,7 +366,11 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         flags |= EVENT_F_UNTRACKED;
         bump(COUNTER_SOCK_MAP_FULL);
     }
-    emit(&info, skaddr, old, new, flags, cpu);
+    if keep_owner(filter_flags, &info.owner) {
+        emit(&info, skaddr, old, new, flags, cpu);
+    } else {
+        bump(COUNTER_FILTERED);
+    }
     Ok(())
 }
 
@@ -250,25 +394,27 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
         bump(COUNTER_RINGBUF_FULL);
         return;
     };
-    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
-    entry.write(StateEvent {
-        // SAFETY: helper without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr,
-        conn_id: info.conn_id,
-        pid_tgid: bpf_get_current_pid_tgid(),
-        saddr: info.saddr,
-        daddr: info.daddr,
-        comm,
-        sport: info.sport,
-        dport: info.dport,
-        family: info.family,
-        oldstate: old,
-        newstate: new,
-        flags,
-        cpu,
-        owner: info.owner,
-    });
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is our reserved, exclusively owned slot of size_of::<StateEvent>();
+    // every field is written before submit. Field by field, so the 136-byte event is
+    // never built on the 512-byte stack.
+    unsafe {
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).skaddr = skaddr;
+        (*ev).conn_id = info.conn_id;
+        (*ev).pid_tgid = bpf_get_current_pid_tgid();
+        (*ev).saddr = info.saddr;
+        (*ev).daddr = info.daddr;
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+        (*ev).sport = info.sport;
+        (*ev).dport = info.dport;
+        (*ev).family = info.family;
+        (*ev).oldstate = old;
+        (*ev).newstate = new;
+        (*ev).flags = flags;
+        (*ev).cpu = cpu;
+        (*ev).owner = info.owner;
+    }
     let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
     // SAFETY: plain read of our own read-only global (see LAYOUT).
     let wake_at = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };

@@ -82,6 +82,8 @@ pub struct TraceArgs {
     #[arg(long, value_parser = parse_duration, env = "TCPTRACE_DURATION")]
     pub duration: Option<Duration>,
     #[command(flatten)]
+    pub filter: crate::filter::FilterArgs,
+    #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
     pub kernel: KernelArgs,

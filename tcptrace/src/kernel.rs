@@ -10,8 +10,8 @@ use aya::programs::{ProgramError, TracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use aya_log::EbpfLogger;
 use tcptrace_common::{
-    COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED,
-    SOCK_MAP_ENTRIES,
+    COUNTER_FILTERED, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL,
+    COUNTER_SUBMITTED, Filter, SOCK_MAP_ENTRIES,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -52,6 +52,8 @@ pub struct TracerConfig {
     pub wakeup_bytes: u64,
     /// Capacity of the kernel map that carries connection identity and owner.
     pub sock_map_entries: u32,
+    /// In-kernel filters (see `filter.rs`); the default keeps everything.
+    pub filter: Filter,
 }
 
 impl Default for TracerConfig {
@@ -60,6 +62,7 @@ impl Default for TracerConfig {
             ring_bytes: 32 << 20,
             wakeup_bytes: 256 << 10,
             sock_map_entries: SOCK_MAP_ENTRIES,
+            filter: Filter::default(),
         }
     }
 }
@@ -73,6 +76,8 @@ pub struct KernelCounters {
     pub read_errors: u64,
     /// Identity map insert failed (the event still went out, flagged).
     pub sock_map_full: u64,
+    /// Dropped on purpose by the in-kernel filters (not a loss).
+    pub filtered: u64,
     /// The kernel skipped the program (it fired while another BPF program ran on that CPU).
     pub recursion_misses: u64,
 }
@@ -164,6 +169,7 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &layout, true)
             .override_global("WAKEUP_BYTES", &cfg.wakeup_bytes, true)
+            .override_global("FILTER", &cfg.filter, true)
             .map_max_entries("EVENTS", cfg.ring_bytes)
             .map_max_entries("SOCKS", cfg.sock_map_entries)
             .load(EBPF_OBJECT)
@@ -257,6 +263,7 @@ impl Tracer {
             ringbuf_full: sum(COUNTER_RINGBUF_FULL),
             read_errors: sum(COUNTER_READ_ERROR),
             sock_map_full: sum(COUNTER_SOCK_MAP_FULL),
+            filtered: sum(COUNTER_FILTERED),
             recursion_misses: self
                 .prog_fds
                 .iter()

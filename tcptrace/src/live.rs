@@ -68,9 +68,11 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
     let clock = WallClock::new(kernel::wall_offset_ns());
     let sinks = sinks(&args, clock)?;
     let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
+    let filter = args.filter.to_kernel().map_err(anyhow::Error::msg)?;
     let opts = LiveOptions {
         tracer: TracerConfig {
             ring_bytes: args.kernel.ring_mb.next_power_of_two() << 20,
+            filter,
             ..TracerConfig::default()
         },
         duration: args.duration,
