@@ -61,10 +61,9 @@ fn port_and_address_filters_keep_exactly_the_matching_connections() {
         let events = collect(&mut tracer, |_| true, |e| e.len() >= 12, Duration::from_secs(3)).await;
         assert!(events.iter().all(|t| t.local.is_ipv6()), "{}", show(&events));
         assert!(events.iter().all(|t| t.local.port() != v4 && t.remote.port() != v4));
-        // The SYN_SENT event has no local address yet (::), so the client's first event
-        // does not match a local-address filter: 12 − 1.
+        // All 12: even SYN_SENT carries the local address (only its port is still 0).
         let on_v6 = events.iter().filter(|t| t.local.port() == v6 || t.remote.port() == v6).count();
-        assert_eq!(on_v6, 11, "{}", show(&events));
+        assert_eq!(on_v6, 12, "{}", show(&events));
     });
 }
 
