@@ -10,6 +10,7 @@ pub mod decode;
 pub mod demo;
 pub mod engine;
 pub mod event;
+pub mod filter;
 pub mod kernel;
 pub mod leaky;
 pub mod live;

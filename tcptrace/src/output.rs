@@ -112,15 +112,16 @@ impl OutputFile {
     /// Housekeeping that may only happen between lines: SIGHUP reopen, rotation, and
     /// retrying a file that failed.
     fn at_boundary(&mut self) {
-        if REOPEN.swap(false, Ordering::Relaxed) {
-            if let Err(e) = self.reopen() {
-                self.report("reopening", &e);
-            }
+        if REOPEN.swap(false, Ordering::Relaxed)
+            && let Err(e) = self.reopen()
+        {
+            self.report("reopening", &e);
         }
-        if self.rotation.max_bytes > 0 && self.size >= self.rotation.max_bytes {
-            if let Err(e) = self.rotate() {
-                self.report("rotating", &e);
-            }
+        if self.rotation.max_bytes > 0
+            && self.size >= self.rotation.max_bytes
+            && let Err(e) = self.rotate()
+        {
+            self.report("rotating", &e);
         }
         if self.file.is_none() {
             match open(&self.path) {

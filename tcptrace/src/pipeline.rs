@@ -9,12 +9,15 @@ use crate::event::Transition;
 use crate::rules::RulesConfig;
 use crate::sink::{RunSummary, Sink};
 
+/// An observer of every output (tests, demo, analyze's report).
+type Tap = Box<dyn FnMut(&Output)>;
+
 pub struct Pipeline {
     engine: Engine,
     outs: Vec<Output>,
     sinks: Vec<Box<dyn Sink>>,
     /// Extra observers of every output (tests, demo); called before the sinks.
-    taps: Vec<Box<dyn FnMut(&Output)>>,
+    taps: Vec<Tap>,
     transitions: u64,
 }
 

@@ -139,8 +139,9 @@ impl<W: Write> Csv<W> {
         }
     }
 
-    pub fn into_inner(self) -> W {
-        self.out.into_inner().map_err(|e| e.into_error()).ok().expect("flushed writer")
+    /// The underlying writer, after flushing; `None` if the final flush failed.
+    pub fn into_inner(self) -> Option<W> {
+        self.out.into_inner().ok()
     }
 }
 
