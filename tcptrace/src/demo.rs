@@ -82,6 +82,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         tracer: TracerConfig::default(),
         duration: Some(Duration::from_secs(60)),
         on_ready: Some(on_ready),
+        drop_caps: false,
     };
     let (stop, summary) = run(&mut pipeline, opts).await?;
     let outcome = done_rx.try_recv().unwrap_or_else(|_| Err("the demo did not finish".into()));

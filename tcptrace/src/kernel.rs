@@ -340,6 +340,18 @@ fn prog_info(fd: std::os::fd::RawFd) -> std::io::Result<ProgInfo> {
     })
 }
 
+/// Drops every capability of this process: once the programs are attached and their maps
+/// open, reading the ring buffer, the counters and the program info only needs the file
+/// descriptors already held, and detaching on exit is closing them.
+pub fn drop_capabilities() -> Result<(), String> {
+    for set in [caps::CapSet::Effective, caps::CapSet::Permitted, caps::CapSet::Inheritable] {
+        caps::clear(None, set).map_err(|e| format!("dropping capabilities failed: {e}"))?;
+    }
+    // SAFETY: prctl with constant arguments; keeps an exec'd child from regaining any.
+    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    Ok(())
+}
+
 /// CLOCK_MONOTONIC now, the clock of the kernel's `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)

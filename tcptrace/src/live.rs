@@ -36,6 +36,9 @@ pub struct LiveOptions {
     pub duration: Option<Duration>,
     /// Called once the program is attached (the demo starts its traffic then).
     pub on_ready: Option<Box<dyn FnOnce()>>,
+    /// Drop every capability once attached (the daemon's default; the demo keeps them to
+    /// start its child processes, tests that load several tracers keep them too).
+    pub drop_caps: bool,
 }
 
 /// Builds the sinks a `TraceArgs` asks for.
@@ -77,6 +80,7 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
         },
         duration: args.duration,
         on_ready: None,
+        drop_caps: true,
     };
     let (stop, summary) = run(&mut pipeline, opts).await?;
     match pipeline.summary(&summary) {
@@ -95,6 +99,9 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
 pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop, RunSummary)> {
     let started = Instant::now();
     let mut tracer = Tracer::start(opts.tracer)?;
+    if opts.drop_caps {
+        kernel::drop_capabilities().map_err(anyhow::Error::msg)?;
+    }
     log::info!("tracing TCP state changes (sock:inet_sock_set_state); Ctrl-C to stop");
     if let Some(f) = opts.on_ready.take() {
         f();

@@ -149,6 +149,25 @@ fn bad_flags_and_missing_privileges_are_one_sentence_and_nonzero() {
 }
 
 #[test]
+fn the_daemon_drops_every_capability_once_attached() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let _g = lock();
+    let child = start(&["--view", "none"], Stdio::null());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let cap = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("?").to_string();
+    assert_eq!((cap("CapEff:"), cap("CapPrm:")), ("0000000000000000".into(), "0000000000000000".into()), "{status}");
+    assert_eq!(cap("NoNewPrivs:"), "1");
+    // And it still works without them: counters, ring buffer, a clean exit.
+    churn(3);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, libc::SIGTERM);
+    assert!(wait(child, Duration::from_secs(10)).success(), "{}", stderr_so_far());
+    assert!(!stderr_so_far().contains("rror"), "{}", stderr_so_far());
+}
+
+#[test]
 fn analyze_reports_a_malformed_line_by_number_and_keeps_what_it_computed() {
     let d = tmpdir("analyze");
     let log = d.join("log.ndjson");
