@@ -78,6 +78,10 @@ pub struct TraceArgs {
     /// Rotated files to keep (FILE.1 … FILE.N).
     #[arg(long, default_value_t = 5, env = "TCPTRACE_ROTATE_KEEP")]
     pub rotate_keep: u32,
+    /// Serve Prometheus/OpenMetrics on http://ADDR/metrics (and /healthz). Without ADDR:
+    /// 127.0.0.1:9464; binding beyond loopback is an explicit choice.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9464", env = "TCPTRACE_METRICS")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Stop after this long (e.g. 30s); default: until Ctrl-C or SIGTERM.
     #[arg(long, value_parser = parse_duration, env = "TCPTRACE_DURATION")]
     pub duration: Option<Duration>,
@@ -151,8 +155,12 @@ mod tests {
         let cli = Cli::try_parse_from(["tcptrace"]).expect("no args is live tracing");
         assert!(cli.command.is_none());
         assert_eq!(cli.trace.view, View::Transitions);
-        assert_eq!(cli.trace.engine.close_wait_threshold, Duration::from_secs(30));
-        let cli = Cli::try_parse_from(["tcptrace", "--view", "alerts", "--duration", "1500ms"]).unwrap();
+        assert_eq!(
+            cli.trace.engine.close_wait_threshold,
+            Duration::from_secs(30)
+        );
+        let cli =
+            Cli::try_parse_from(["tcptrace", "--view", "alerts", "--duration", "1500ms"]).unwrap();
         assert_eq!(cli.trace.view, View::Alerts);
         assert_eq!(cli.trace.duration, Some(Duration::from_millis(1500)));
         let cli = Cli::try_parse_from(["tcptrace", "analyze", "-", "--skip-bad"]).unwrap();

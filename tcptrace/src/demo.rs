@@ -57,7 +57,9 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
                         AlertStatus::Resolved => Seen::Resolved,
                         _ => Seen::Firing(
                             a.owner.map(|o| o.pid).unwrap_or(0),
-                            a.owner.map(|o| o.comm.as_str().into_owned()).unwrap_or_default(),
+                            a.owner
+                                .map(|o| o.comm.as_str().into_owned())
+                                .unwrap_or_default(),
                         ),
                     });
                 }
@@ -83,9 +85,12 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         duration: Some(Duration::from_secs(60)),
         on_ready: Some(on_ready),
         drop_caps: false,
+        metrics: None,
     };
     let (stop, summary) = run(&mut pipeline, opts).await?;
-    let outcome = done_rx.try_recv().unwrap_or_else(|_| Err("the demo did not finish".into()));
+    let outcome = done_rx
+        .try_recv()
+        .unwrap_or_else(|_| Err("the demo did not finish".into()));
     println!(
         "demo: {} transitions traced machine-wide, {} events lost",
         summary.transitions, summary.lost
@@ -93,7 +98,9 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     log::debug!("demo stopped: {stop:?}");
     match outcome {
         Ok(pid) => {
-            println!("demo: done. tcptrace named pid {pid} ({LEAKY_COMM}), the process that never called close().");
+            println!(
+                "demo: done. tcptrace named pid {pid} ({LEAKY_COMM}), the process that never called close()."
+            );
             println!("demo: try it on your own machine: sudo tcptrace --view alerts");
             Ok(())
         }
@@ -108,7 +115,8 @@ fn orchestrate(
     port_tx: mpsc::Sender<u16>,
     seen: mpsc::Receiver<Seen>,
 ) -> Result<u32, String> {
-    let server = LeakyServer::spawn(exe, "127.0.0.1:0").map_err(|e| format!("starting the leaky server: {e}"))?;
+    let server = LeakyServer::spawn(exe, "127.0.0.1:0")
+        .map_err(|e| format!("starting the leaky server: {e}"))?;
     let pid = server.pid();
     let _ = port_tx.send(server.addr.port());
     println!(
@@ -125,14 +133,23 @@ fn orchestrate(
     loop {
         match seen.recv_timeout(deadline) {
             Ok(Seen::Firing(p, comm)) if p == pid => {
-                println!("demo: the alert names pid {p} ({comm}). Stopping the server: the kernel closes its leaked sockets…");
+                println!(
+                    "demo: the alert names pid {p} ({comm}). Stopping the server: the kernel closes its leaked sockets…"
+                );
                 break;
             }
             Ok(Seen::Firing(p, comm)) => {
-                return Err(format!("the alert named pid {p} ({comm}), not the leaking server (pid {pid})"));
+                return Err(format!(
+                    "the alert named pid {p} ({comm}), not the leaking server (pid {pid})"
+                ));
             }
             Ok(Seen::Resolved) => {}
-            Err(_) => return Err(format!("no stuck_close_wait alert within {}", humantime::format_duration(deadline))),
+            Err(_) => {
+                return Err(format!(
+                    "no stuck_close_wait alert within {}",
+                    humantime::format_duration(deadline)
+                ));
+            }
         }
     }
     server.stop();

@@ -14,6 +14,7 @@ pub mod filter;
 pub mod kernel;
 pub mod leaky;
 pub mod live;
+pub mod metrics_http;
 pub mod output;
 pub mod pipeline;
 pub mod rules;

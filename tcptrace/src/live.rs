@@ -36,6 +36,8 @@ pub struct LiveOptions {
     pub duration: Option<Duration>,
     /// Called once the program is attached (the demo starts its traffic then).
     pub on_ready: Option<Box<dyn FnOnce()>>,
+    /// Fed the kernel's and the engine's figures every second, for `--metrics`.
+    pub metrics: Option<std::sync::Arc<crate::sink::metrics::Metrics>>,
     /// Drop every capability once attached (the daemon's default; the demo keeps them to
     /// start its child processes, tests that load several tracers keep them too).
     pub drop_caps: bool,
@@ -69,7 +71,18 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
 
 pub async fn trace(args: TraceArgs) -> Result<()> {
     let clock = WallClock::new(kernel::wall_offset_ns());
-    let sinks = sinks(&args, clock)?;
+    let mut sinks = sinks(&args, clock)?;
+    // Bound before the program loads, so a taken port fails fast and costs nothing.
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let m = std::sync::Arc::new(crate::sink::metrics::Metrics::new());
+            let server = crate::metrics_http::bind(addr, std::sync::Arc::clone(&m))?;
+            tokio::spawn(server.run());
+            sinks.push(Box::new(std::sync::Arc::clone(&m)));
+            Some(m)
+        }
+        None => None,
+    };
     let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
     let filter = args.filter.to_kernel().map_err(anyhow::Error::msg)?;
     let opts = LiveOptions {
@@ -81,6 +94,7 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
         duration: args.duration,
         on_ready: None,
         drop_caps: true,
+        metrics,
     };
     let (stop, summary) = run(&mut pipeline, opts).await?;
     match pipeline.summary(&summary) {
@@ -88,7 +102,10 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
         r => r.context("writing the summary")?,
     }
     if summary.lost > 0 {
-        log::warn!("{} events were lost; see the summary for causes", summary.lost);
+        log::warn!(
+            "{} events were lost; see the summary for causes",
+            summary.lost
+        );
     }
     log::debug!("stopped: {stop:?}");
     Ok(())
@@ -135,6 +152,18 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
                 last_tick = Instant::now();
                 tracer.flush_logs();
                 pipeline.tick(kernel::monotonic_ns())?;
+                if let Some(m) = &opts.metrics {
+                    let k = tracer.counters();
+                    let loss = Loss {
+                        ringbuf_full: k.ringbuf_full,
+                        recursion_misses: k.recursion_misses,
+                        read_errors: k.read_errors,
+                        decode_errors,
+                    };
+                    m.observe_kernel(&loss, k.submitted);
+                    let engine = pipeline.engine();
+                    m.observe_engine(&engine.stats(), &engine.current_state_counts());
+                }
             }
             pipeline.flush()
         });
@@ -150,7 +179,9 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
     // What is already in the ring buffer was captured: it goes out before we stop.
     if stop != Stop::BrokenPipe {
         drain(&mut tracer, pipeline, &mut decode_errors).context("writing output")?;
-        pipeline.finish(kernel::monotonic_ns()).context("writing output")?;
+        pipeline
+            .finish(kernel::monotonic_ns())
+            .context("writing output")?;
     }
     tracer.flush_logs();
     let k = tracer.counters();

@@ -2,6 +2,7 @@
 //! [`Sink`]: they are siblings fed the same engine outputs, and none of them feeds back.
 
 pub mod csv;
+pub mod metrics;
 pub mod ndjson;
 pub mod terminal;
 pub mod time;

@@ -59,7 +59,8 @@ pub async fn collect(
     let mut out = Vec::new();
     loop {
         tracer.drain(|bytes| {
-            let t = decode(bytes).unwrap_or_else(|e| panic!("kernel wrote an undecodable event: {e}"));
+            let t =
+                decode(bytes).unwrap_or_else(|e| panic!("kernel wrote an undecodable event: {e}"));
             if keep(&t) {
                 out.push(t);
             }
