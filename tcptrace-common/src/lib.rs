@@ -95,7 +95,6 @@ pub const EVENT_F_OWNER_KNOWN: u32 = 1 << 3;
 /// A listener's child that no process has accepted yet (it sits in the accept queue).
 pub const EVENT_F_UNACCEPTED: u32 = 1 << 4;
 
-
 /// Byte offsets of the `sock:inet_sock_set_state` fields in the raw tracepoint record,
 /// read by the daemon from tracefs and written into the program's read-only globals before
 /// load. The layout changed across kernels (`protocol` was a u8 before 5.6).
@@ -175,7 +174,6 @@ pub const COUNTER_COUNT: u32 = 5;
 /// Default capacity of the kernel map that carries identity and owner across a socket's
 /// events (~130 bytes each, preallocated); `--max-sockets` changes it at load time.
 pub const SOCK_MAP_ENTRIES: u32 = 131_072;
-
 
 pub const IPPROTO_TCP: u16 = 6;
 pub const AF_INET: u16 = 2;

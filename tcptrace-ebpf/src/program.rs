@@ -4,10 +4,12 @@
 //! daemon (read from the live tracefs `format` file) through the read-only global `LAYOUT`.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        BPF_ANY, BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    },
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -15,13 +17,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use tcptrace_common::{
-    AF_INET, AF_INET6, COUNTER_COUNT, COUNTER_FILTERED, Cidr, FILTER_COMM, FILTER_FAMILY,
-    FILTER_LADDR, FILTER_PID, FILTER_PORTS, FILTER_RADDR, Filter, MAX_FILTER_PORTS,
-    OWNER_SRC_LISTENER, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL,
-    COUNTER_SUBMITTED, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN,
-    EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED, IPPROTO_TCP,
-    OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_NONE, Owner,
-    SOCK_MAP_ENTRIES, SockInfo, StateEvent, TracepointLayout,
+    AF_INET, AF_INET6, COUNTER_COUNT, COUNTER_FILTERED, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL,
+    COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED, Cidr, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN,
+    EVENT_F_OWNER_KNOWN, EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED, FILTER_COMM, FILTER_FAMILY,
+    FILTER_LADDR, FILTER_PID, FILTER_PORTS, FILTER_RADDR, Filter, IPPROTO_TCP, MAX_FILTER_PORTS,
+    OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_LISTENER, OWNER_SRC_NONE,
+    Owner, SOCK_MAP_ENTRIES, SockInfo, StateEvent, TracepointLayout,
 };
 
 const TCP_ESTABLISHED: u8 = 1;
@@ -61,8 +62,18 @@ static FILTER: Filter = Filter {
     n_ports: 0,
     ports: [0; MAX_FILTER_PORTS],
     _pad: 0,
-    laddr: Cidr { addr: [0; 16], family: 0, prefix_len: 0, _pad: [0; 5] },
-    raddr: Cidr { addr: [0; 16], family: 0, prefix_len: 0, _pad: [0; 5] },
+    laddr: Cidr {
+        addr: [0; 16],
+        family: 0,
+        prefix_len: 0,
+        _pad: [0; 5],
+    },
+    raddr: Cidr {
+        addr: [0; 16],
+        family: 0,
+        prefix_len: 0,
+        _pad: [0; 5],
+    },
     comm: [0; 16],
 };
 
@@ -84,9 +95,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 static ID_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// skaddr → identity, owner and tuple of the socket's current life. LRU so that sockets
-/// whose CLOSE we never see (lost event, predates us) cannot fill it up.
+/// whose CLOSE we never see (lost event, predates us) cannot fill it up; per-CPU LRU lists
+/// (BPF_F_NO_COMMON_LRU) so that CPUs churning connections don't contend on one lock.
 #[map]
-static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(SOCK_MAP_ENTRIES, 0);
+static SOCKS: LruHashMap<u64, SockInfo> =
+    LruHashMap::with_max_entries(SOCK_MAP_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// Listening port → the listener's owner, so that a child the kernel creates for it
 /// (LISTEN→SYN_RECV, in softirq) starts life with the owner of its accept queue.
@@ -204,7 +217,14 @@ fn in_cidr(cidr: &Cidr, family: u16, addr: &[u8; 16]) -> bool {
 /// The filters that need no state: family, ports, addresses. Evaluated before any map
 /// work, so a filtered-out transition costs only its field reads.
 #[inline(always)]
-fn keep_tuple(flags: u32, family: u16, sport: u16, dport: u16, saddr: &[u8; 16], daddr: &[u8; 16]) -> bool {
+fn keep_tuple(
+    flags: u32,
+    family: u16,
+    sport: u16,
+    dport: u16,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+) -> bool {
     if flags & FILTER_FAMILY != 0 && family != ro(&FILTER.family) {
         return false;
     }
@@ -260,7 +280,10 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
             bump(COUNTER_READ_ERROR);
             // Rare by construction (a failed read of the tracepoint record): worth a log
             // line, which costs a second ring-buffer write, only because it is rare.
-            error!(&ctx, "tcptrace: reading the tracepoint record failed: {}", err);
+            error!(
+                &ctx,
+                "tcptrace: reading the tracepoint record failed: {}", err
+            );
             0
         }
     }
@@ -315,12 +338,20 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let starts_life = (old == TCP_CLOSE && (new == TCP_SYN_SENT || new == TCP_LISTEN))
         || (old == TCP_LISTEN && new == TCP_SYN_RECV);
     let mut flags = 0u32;
-    let existing = if starts_life { None } else { SOCKS.get_ptr_mut(skaddr) };
+    let existing = if starts_life {
+        None
+    } else {
+        SOCKS.get_ptr_mut(skaddr)
+    };
     let mut info = match existing {
         // SAFETY: a map value we hold no other reference to; copied out.
         Some(p) => unsafe { *p },
         None => {
-            flags |= if starts_life { EVENT_F_NEW_CONN } else { EVENT_F_MIDLIFE };
+            flags |= if starts_life {
+                EVENT_F_NEW_CONN
+            } else {
+                EVENT_F_MIDLIFE
+            };
             SockInfo {
                 conn_id: next_conn_id(cpu),
                 unaccepted: u8::from(old == TCP_LISTEN && new == TCP_SYN_RECV),
@@ -337,7 +368,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         // SAFETY: a plain Owner copied out of the map.
         if let Some(o) = unsafe { LISTENERS.get(sport) } {
             if o.tgid != 0 {
-                info.owner = Owner { source: OWNER_SRC_LISTENER, ..*o };
+                info.owner = Owner {
+                    source: OWNER_SRC_LISTENER,
+                    ..*o
+                };
             }
         }
     } else if old == TCP_CLOSE && new == TCP_LISTEN {
@@ -415,10 +449,18 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
         (*ev).cpu = cpu;
         (*ev).owner = info.owner;
     }
+    // Wake the reader only when the unread data crosses the threshold (a window of a few
+    // records, as the other CPU may cross it in the same instant). Past it the reader is
+    // awake or about to poll: waking it on every event is an irq_work per event, the most
+    // expensive thing a busy producer could do.
     let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    // SAFETY: plain read of our own read-only global (see LAYOUT).
-    let wake_at = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
-    let wake = if avail >= wake_at { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let wake_at = ro(&WAKEUP_BYTES);
+    const RECORD: u64 = 8 + core::mem::size_of::<StateEvent>() as u64;
+    let wake = if avail >= wake_at && avail < wake_at + 4 * RECORD {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
     entry.submit(u64::from(wake));
     bump(COUNTER_SUBMITTED);
 }

@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::rc::Rc;
 
 use anyhow::{Context as _, Result};
@@ -12,7 +12,7 @@ use crate::cli::{AnalyzeArgs, View};
 use crate::engine::{Engine, Output};
 use crate::event::TcpState;
 use crate::pipeline::{Pipeline, engine_config};
-use crate::sink::ndjson::{Ndjson, parse_transition};
+use crate::sink::ndjson::{Ndjson, parse_transition_bytes};
 use crate::sink::time::{WallClock, human};
 use crate::sink::{RunSummary, Sink};
 
@@ -23,10 +23,68 @@ const TICK_NS: u64 = 1_000_000_000;
 pub struct Findings {
     pub lines: u64,
     pub bad_lines: u64,
-    pub entered: BTreeMap<&'static str, u64>,
+    /// Transitions into each state, by kernel state number.
+    pub entered: [u64; 14],
     pub handshakes_ns: Vec<u64>,
     pub alerts: BTreeMap<String, u64>,
     pub lifecycles: u64,
+}
+
+/// Lines of a byte stream, split in place in a large buffer: no per-line copy or
+/// allocation (the replay's budget is a few hundred nanoseconds per line).
+struct Lines<R: Read> {
+    input: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+impl<R: Read> Lines<R> {
+    fn new(input: R) -> Lines<R> {
+        Lines {
+            input,
+            buf: vec![0; 4 << 20],
+            start: 0,
+            end: 0,
+            eof: false,
+        }
+    }
+
+    /// The next line without its newline (the last one may lack it), or None at the end.
+    fn next_line(&mut self) -> io::Result<Option<&[u8]>> {
+        loop {
+            if let Some(pos) = memchr_nl(&self.buf[self.start..self.end]) {
+                let line = self.start..self.start + pos;
+                self.start += pos + 1;
+                return Ok(Some(&self.buf[line]));
+            }
+            if self.eof {
+                if self.start < self.end {
+                    let line = self.start..self.end;
+                    self.start = self.end;
+                    return Ok(Some(&self.buf[line]));
+                }
+                return Ok(None);
+            }
+            // Keep the partial line, make room (grow for lines longer than the buffer), refill.
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.end == self.buf.len() {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+            let n = self.input.read(&mut self.buf[self.end..])?;
+            if n == 0 {
+                self.eof = true;
+            }
+            self.end += n;
+        }
+    }
+}
+
+fn memchr_nl(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == b'\n')
 }
 
 /// A malformed line that stopped the analysis.
@@ -62,39 +120,23 @@ pub fn replay(
     skip_bad: bool,
     mut on_first: impl FnMut(&str),
 ) -> Result<(Findings, Option<BadLine>)> {
-    let mut reader = BufReader::with_capacity(1 << 20, input);
-    let mut buf = Vec::with_capacity(1024);
+    let mut lines = Lines::new(input);
     let mut f = Findings::default();
     let mut next_tick: Option<u64> = None;
     let mut last_ts = 0u64;
     let mut first = true;
     let mut stopped = None;
-    loop {
-        buf.clear();
-        if reader.read_until(b'\n', &mut buf).context("reading the log")? == 0 {
-            break;
-        }
+    while let Some(raw) = lines.next_line().context("reading the log")? {
         f.lines += 1;
-        let line = match std::str::from_utf8(&buf) {
-            Ok(l) => l.trim_end(),
-            Err(e) => {
-                let bad = BadLine { line: f.lines, reason: format!("not UTF-8 ({e})") };
-                if skip_bad {
-                    f.bad_lines += 1;
-                    continue;
-                }
-                stopped = Some(bad);
-                break;
-            }
-        };
-        if line.is_empty() {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match parse_transition(line) {
+        match parse_transition_bytes(line) {
             Ok(Some(t)) => {
                 if first {
                     first = false;
-                    on_first(line);
+                    on_first(&String::from_utf8_lossy(line));
                 }
                 // The log's clock drives the timers, one tick per second of log time.
                 let tick_at = *next_tick.get_or_insert(t.ts_ns + TICK_NS);
@@ -103,7 +145,7 @@ pub fn replay(
                     next_tick = Some(t.ts_ns + TICK_NS);
                 }
                 last_ts = last_ts.max(t.ts_ns);
-                *f.entered.entry(t.new.name()).or_default() += 1;
+                f.entered[t.new as usize] += 1;
                 pipeline.feed(&t).context("writing output")?;
             }
             Ok(None) => {}
@@ -115,7 +157,10 @@ pub fn replay(
                     }
                     continue;
                 }
-                stopped = Some(BadLine { line: f.lines, reason: e.to_string() });
+                stopped = Some(BadLine {
+                    line: f.lines,
+                    reason: e.to_string(),
+                });
                 break;
             }
         }
@@ -129,19 +174,30 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
         None => Box::new(io::stdin().lock()),
         Some(p) if p.as_os_str() == "-" => Box::new(io::stdin().lock()),
         Some(p) => Box::new(
-            std::fs::File::open(p).with_context(|| format!("cannot open the log {}", p.display()))?,
+            std::fs::File::open(p)
+                .with_context(|| format!("cannot open the log {}", p.display()))?,
         ),
     };
     // Lines are printed with the log's own wall clock, learnt from its first transition.
     let terminal_clock = Rc::new(RefCell::new(WallClock::identity()));
 
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    let printer = Rc::new(RefCell::new(io::BufWriter::with_capacity(1 << 16, io::stdout())));
+    let printer = Rc::new(RefCell::new(io::BufWriter::with_capacity(
+        1 << 16,
+        io::stdout(),
+    )));
     if let Some(p) = &args.output {
-        sinks.push(Box::new(Ndjson::new(crate::output::OutputFile::create(p)?, WallClock::identity())));
+        sinks.push(Box::new(Ndjson::new(
+            crate::output::OutputFile::create(p)?,
+            WallClock::identity(),
+        )));
     }
     let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
-    let collected = Rc::new(RefCell::new((Vec::<u64>::new(), BTreeMap::<String, u64>::new(), 0u64)));
+    let collected = Rc::new(RefCell::new((
+        Vec::<u64>::new(),
+        BTreeMap::<String, u64>::new(),
+        0u64,
+    )));
     {
         let collected = collected.clone();
         let printer = printer.clone();
@@ -198,7 +254,9 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
         engine: stats,
         ..RunSummary::default()
     };
-    pipeline.summary(&summary).context("writing the output file")?;
+    pipeline
+        .summary(&summary)
+        .context("writing the output file")?;
     let mut w = printer.borrow_mut();
     print_report(&mut *w, &findings, &summary).context("writing the report")?;
     w.flush().ok();
@@ -216,11 +274,18 @@ fn print_report(w: &mut impl Write, f: &Findings, s: &RunSummary) -> io::Result<
     writeln!(
         w,
         "{} lines, {} transitions, {} bad lines skipped; {} lifecycles ({} complete, {} partial), {} still open at end of log",
-        f.lines, s.transitions, f.bad_lines, f.lifecycles, e.lifecycles_complete, e.lifecycles_partial, e.tracked
+        f.lines,
+        s.transitions,
+        f.bad_lines,
+        f.lifecycles,
+        e.lifecycles_complete,
+        e.lifecycles_partial,
+        e.tracked
     )?;
     let entered: Vec<String> = TcpState::ALL
         .iter()
-        .filter_map(|st| f.entered.get(st.name()).map(|n| format!("{}={n}", st.name())))
+        .filter(|st| f.entered[**st as usize] > 0)
+        .map(|st| format!("{}={}", st.name(), f.entered[*st as usize]))
         .collect();
     writeln!(w, "transitions into: {}", entered.join(" "))?;
     let kinds: Vec<String> = crate::engine::CloseKind::ALL
@@ -228,9 +293,22 @@ fn print_report(w: &mut impl Write, f: &Findings, s: &RunSummary) -> io::Result<
         .filter(|k| e.close_kinds.get(**k) > 0)
         .map(|k| format!("{}={}", k.name(), e.close_kinds.get(*k)))
         .collect();
-    writeln!(w, "close kinds: {}", if kinds.is_empty() { "-".into() } else { kinds.join(" ") })?;
+    writeln!(
+        w,
+        "close kinds: {}",
+        if kinds.is_empty() {
+            "-".into()
+        } else {
+            kinds.join(" ")
+        }
+    )?;
     let h = &f.handshakes_ns;
-    match (percentile(h, 0.5), percentile(h, 0.9), percentile(h, 0.99), h.last()) {
+    match (
+        percentile(h, 0.5),
+        percentile(h, 0.9),
+        percentile(h, 0.99),
+        h.last(),
+    ) {
         (Some(p50), Some(p90), Some(p99), Some(max)) => writeln!(
             w,
             "handshake ({} connections): p50 {} p90 {} p99 {} max {}",
@@ -243,13 +321,37 @@ fn print_report(w: &mut impl Write, f: &Findings, s: &RunSummary) -> io::Result<
         _ => writeln!(w, "handshake: no complete handshakes in the log")?,
     }
     let alerts: Vec<String> = f.alerts.iter().map(|(r, n)| format!("{r}={n}")).collect();
-    writeln!(w, "alerts: {}", if alerts.is_empty() { "none".into() } else { alerts.join(" ") })?;
-    writeln!(w, "illegal transitions {}, gaps (lost events) {}, evicted {}", e.illegal, e.gaps, e.evicted)
+    writeln!(
+        w,
+        "alerts: {}",
+        if alerts.is_empty() {
+            "none".into()
+        } else {
+            alerts.join(" ")
+        }
+    )?;
+    writeln!(
+        w,
+        "illegal transitions {}, gaps (lost events) {}, evicted {}",
+        e.illegal, e.gaps, e.evicted
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_split_across_refills_and_without_a_final_newline() {
+        let text = b"one\r\ntwo\n\nthree";
+        let mut l = Lines::new(&text[..]);
+        l.buf = vec![0; 2]; // force refills and growth
+        let mut got = Vec::new();
+        while let Some(line) = l.next_line().unwrap() {
+            got.push(String::from_utf8(line.to_vec()).unwrap());
+        }
+        assert_eq!(got, ["one\r", "two", "", "three"]);
+    }
 
     #[test]
     fn percentiles_pick_ranked_values() {
@@ -261,7 +363,8 @@ mod tests {
 
     #[test]
     fn wall_offset_comes_from_time_and_ts() {
-        let line = r#"{"type":"transition","schema":1,"ts_ns":1000,"time":"1970-01-01T00:00:01.000001Z"}"#;
+        let line =
+            r#"{"type":"transition","schema":1,"ts_ns":1000,"time":"1970-01-01T00:00:01.000001Z"}"#;
         assert_eq!(wall_offset(line), Some(1_000_000_000));
         assert_eq!(wall_offset("{}"), None);
     }

@@ -173,7 +173,9 @@ mod tests {
         let mut ev = sample();
         ev.family = AF_INET6;
         ev.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
-        ev.daddr = std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().octets();
+        ev.daddr = std::net::Ipv4Addr::new(192, 0, 2, 1)
+            .to_ipv6_mapped()
+            .octets();
         let t = decode(&encode(&ev)).expect("valid event");
         assert_eq!(t.local.to_string(), "[::1]:40000");
         assert_eq!(t.remote.to_string(), "192.0.2.1:5432");
@@ -187,7 +189,12 @@ mod tests {
         }
         let mut long = good.to_vec();
         long.push(0);
-        assert_eq!(decode(&long), Err(DecodeError::Length { got: STATE_EVENT_SIZE + 1 }));
+        assert_eq!(
+            decode(&long),
+            Err(DecodeError::Length {
+                got: STATE_EVENT_SIZE + 1
+            })
+        );
 
         let mut ev = sample();
         ev.newstate = 0;

@@ -137,7 +137,9 @@ impl fmt::Debug for Comm {
 
 /// The task that was current when the tracepoint fired. In softirq context this is
 /// whatever happened to be running, not necessarily the socket's owner.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 pub struct Task {
     /// Process id (the kernel's tgid).
     pub pid: u32,
@@ -217,7 +219,10 @@ mod tests {
     #[test]
     fn comm_is_nul_terminated_and_truncated() {
         assert_eq!(Comm::new("leaky-server").as_str(), "leaky-server");
-        assert_eq!(Comm::new("a-very-long-command-name").as_str(), "a-very-long-com");
+        assert_eq!(
+            Comm::new("a-very-long-command-name").as_str(),
+            "a-very-long-com"
+        );
         assert_eq!(Comm::default().as_str(), "");
     }
 }

@@ -16,7 +16,12 @@ use tcptrace_common::{
 #[derive(Args, Debug, Clone, Default)]
 pub struct FilterArgs {
     /// Keep transitions whose local or remote port is PORT (repeat for up to 8 ports).
-    #[arg(long = "port", value_name = "PORT", env = "TCPTRACE_PORT", value_delimiter = ',')]
+    #[arg(
+        long = "port",
+        value_name = "PORT",
+        env = "TCPTRACE_PORT",
+        value_delimiter = ','
+    )]
     pub ports: Vec<u16>,
     /// Keep transitions whose local address is in CIDR (e.g. 10.0.0.0/8, ::1).
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr, env = "TCPTRACE_LADDR")]
@@ -118,7 +123,9 @@ impl FilterArgs {
         }
         if let Some(comm) = &self.comm {
             if comm.is_empty() || comm.len() > 15 {
-                return Err(format!("--comm {comm:?}: a command name is 1 to 15 bytes (the kernel keeps no more)"));
+                return Err(format!(
+                    "--comm {comm:?}: a command name is 1 to 15 bytes (the kernel keeps no more)"
+                ));
             }
             f.flags |= FILTER_COMM;
             f.comm[..comm.len()].copy_from_slice(comm.as_bytes());
@@ -133,11 +140,21 @@ mod tests {
 
     #[test]
     fn cidrs_parse_with_and_without_prefix() {
-        assert_eq!(parse_cidr("10.0.0.0/8"), Ok(CidrArg { addr: "10.0.0.0".parse().unwrap(), prefix_len: 8 }));
+        assert_eq!(
+            parse_cidr("10.0.0.0/8"),
+            Ok(CidrArg {
+                addr: "10.0.0.0".parse().unwrap(),
+                prefix_len: 8
+            })
+        );
         assert_eq!(parse_cidr("::1").unwrap().prefix_len, 128);
         assert_eq!(parse_cidr("[2001:db8::]/32").unwrap().prefix_len, 32);
         assert!(parse_cidr("10.0.0.0/33").unwrap_err().contains("0..=32"));
-        assert!(parse_cidr("example.com").unwrap_err().contains("not an address"));
+        assert!(
+            parse_cidr("example.com")
+                .unwrap_err()
+                .contains("not an address")
+        );
     }
 
     #[test]
@@ -154,18 +171,30 @@ mod tests {
         }
         .to_kernel()
         .unwrap();
-        assert_eq!(f.flags, FILTER_PORTS | FILTER_RADDR | FILTER_FAMILY | FILTER_PID | FILTER_COMM);
+        assert_eq!(
+            f.flags,
+            FILTER_PORTS | FILTER_RADDR | FILTER_FAMILY | FILTER_PID | FILTER_COMM
+        );
         assert_eq!((f.n_ports, &f.ports[..2]), (2, &[5432, 6379][..]));
-        assert_eq!((f.raddr.family, f.raddr.prefix_len, &f.raddr.addr[..4]), (AF_INET, 16, &[10, 1, 0, 0][..]));
+        assert_eq!(
+            (f.raddr.family, f.raddr.prefix_len, &f.raddr.addr[..4]),
+            (AF_INET, 16, &[10, 1, 0, 0][..])
+        );
         assert_eq!(f.family, AF_INET);
         assert_eq!(&f.comm[..9], b"postgres\0");
     }
 
     #[test]
     fn what_the_kernel_cannot_do_is_a_clear_error() {
-        let many = FilterArgs { ports: (1..=9).collect(), ..FilterArgs::default() };
+        let many = FilterArgs {
+            ports: (1..=9).collect(),
+            ..FilterArgs::default()
+        };
         assert!(many.to_kernel().unwrap_err().contains("at most 8 --port"));
-        let long = FilterArgs { comm: Some("a-very-long-command".into()), ..FilterArgs::default() };
+        let long = FilterArgs {
+            comm: Some("a-very-long-command".into()),
+            ..FilterArgs::default()
+        };
         assert!(long.to_kernel().unwrap_err().contains("1 to 15 bytes"));
     }
 }

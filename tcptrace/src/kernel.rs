@@ -34,8 +34,13 @@ pub enum KernelError {
         "this tcptrace binary was built without its eBPF program (AYA_BUILD_SKIP was set); rebuild it with `cargo xtask run`"
     )]
     NoObject,
-    #[error("the kernel rejected the eBPF program ({cause}); verifier's last lines:\n{verifier_tail}")]
-    Verifier { cause: String, verifier_tail: String },
+    #[error(
+        "the kernel rejected the eBPF program ({cause}); verifier's last lines:\n{verifier_tail}"
+    )]
+    Verifier {
+        cause: String,
+        verifier_tail: String,
+    },
     #[error(
         "attaching to the sock:inet_sock_set_state tracepoint failed: {0}; is this a Linux 4.16+ kernel with tracepoints enabled?"
     )]
@@ -184,8 +189,9 @@ impl Tracer {
         // The logger must outlive the program: dropping it closes the log map's fd.
         let logger = EbpfLogger::init(&mut ebpf).map_err(|e| KernelError::Load(e.to_string()))?;
         // SAFETY: the logger owns its ring buffer's fd and keeps it open while registered.
-        let logger = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-            .map_err(|e| KernelError::Load(e.into_parts().1.to_string()))?;
+        let logger =
+            unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+                .map_err(|e| KernelError::Load(e.into_parts().1.to_string()))?;
 
         let program: &mut TracePoint = ebpf
             .program_mut(PROGRAM)
@@ -277,7 +283,6 @@ impl Tracer {
     pub fn program_info(&self) -> std::io::Result<ProgInfo> {
         prog_info(self.prog_fds[0])
     }
-
 }
 
 /// The fields of the kernel's `struct bpf_prog_info` (uapi/linux/bpf.h) that aya 0.14 does
@@ -331,7 +336,11 @@ fn prog_info(fd: std::os::fd::RawFd) -> std::io::Result<ProgInfo> {
     Ok(ProgInfo {
         id: u32::from_ne_bytes(b[OFF_ID..OFF_ID + 4].try_into().expect("4 bytes")),
         name: String::from_utf8_lossy(&name[..end]).into_owned(),
-        run_cnt: if len >= OFF_RUN_CNT + 8 { u64_at(OFF_RUN_CNT) } else { 0 },
+        run_cnt: if len >= OFF_RUN_CNT + 8 {
+            u64_at(OFF_RUN_CNT)
+        } else {
+            0
+        },
         recursion_misses: if len >= OFF_RECURSION_MISSES + 8 {
             u64_at(OFF_RECURSION_MISSES)
         } else {
@@ -344,7 +353,11 @@ fn prog_info(fd: std::os::fd::RawFd) -> std::io::Result<ProgInfo> {
 /// open, reading the ring buffer, the counters and the program info only needs the file
 /// descriptors already held, and detaching on exit is closing them.
 pub fn drop_capabilities() -> Result<(), String> {
-    for set in [caps::CapSet::Effective, caps::CapSet::Permitted, caps::CapSet::Inheritable] {
+    for set in [
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Inheritable,
+    ] {
         caps::clear(None, set).map_err(|e| format!("dropping capabilities failed: {e}"))?;
     }
     // SAFETY: prctl with constant arguments; keeps an exec'd child from regaining any.

@@ -10,7 +10,10 @@ fn main() {
         .format_timestamp(None)
         .format_target(false)
         .init();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tcptrace: cannot start the runtime: {e}");

@@ -47,9 +47,8 @@ impl OutputFile {
     }
 
     pub fn with_rotation(path: &Path, rotation: Rotation) -> anyhow::Result<OutputFile> {
-        let (file, size) = open(path).map_err(|e| {
-            anyhow::anyhow!("cannot write the output file {}: {e}", path.display())
-        })?;
+        let (file, size) = open(path)
+            .map_err(|e| anyhow::anyhow!("cannot write the output file {}: {e}", path.display()))?;
         Ok(OutputFile {
             path: path.to_path_buf(),
             file: Some(file),
@@ -85,7 +84,11 @@ impl OutputFile {
         }
         if self.rotation.keep == 0 {
             std::fs::remove_file(&self.path).or_else(|e| {
-                if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+                if e.kind() == io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
             })?;
         } else {
             for n in (1..self.rotation.keep).rev() {
@@ -193,7 +196,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (examples: 100M, 1G)"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 100M, 1G)"))?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -221,7 +227,14 @@ mod tests {
     #[test]
     fn rotates_at_line_boundaries_and_keeps_n_files() {
         let p = tmp("rotate");
-        let mut f = OutputFile::with_rotation(&p, Rotation { max_bytes: 100, keep: 2 }).unwrap();
+        let mut f = OutputFile::with_rotation(
+            &p,
+            Rotation {
+                max_bytes: 100,
+                keep: 2,
+            },
+        )
+        .unwrap();
         for i in 0..30 {
             // Written in two pieces: rotation must never split a line.
             write!(f, "{{\"n\":{i},").unwrap();
@@ -230,15 +243,27 @@ mod tests {
         f.flush().unwrap();
         drop(f);
         let mut all = Vec::new();
-        for path in [p.with_extension("ndjson.2"), p.with_extension("ndjson.1"), p.clone()] {
+        for path in [
+            p.with_extension("ndjson.2"),
+            p.with_extension("ndjson.1"),
+            p.clone(),
+        ] {
             let text = std::fs::read_to_string(&path).unwrap();
-            assert!(text.len() <= 100 + 40, "{} is {} bytes", path.display(), text.len());
+            assert!(
+                text.len() <= 100 + 40,
+                "{} is {} bytes",
+                path.display(),
+                text.len()
+            );
             for line in text.lines() {
                 let v: serde_json::Value = serde_json::from_str(line).expect("whole lines only");
                 all.push(v["n"].as_u64().unwrap());
             }
         }
-        assert!(!p.with_extension("ndjson.3").exists(), "only 2 rotated files are kept");
+        assert!(
+            !p.with_extension("ndjson.3").exists(),
+            "only 2 rotated files are kept"
+        );
         // The newest lines survive, in order.
         assert_eq!(all.last(), Some(&29));
         assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
@@ -262,8 +287,14 @@ mod tests {
 
     #[test]
     fn an_unwritable_file_is_an_error_at_start_and_sizes_parse() {
-        let err = OutputFile::create(Path::new("/nonexistent-dir/out.ndjson")).err().expect("no such directory");
-        assert!(err.to_string().starts_with("cannot write the output file /nonexistent-dir/out.ndjson"), "{err}");
+        let err = OutputFile::create(Path::new("/nonexistent-dir/out.ndjson"))
+            .err()
+            .expect("no such directory");
+        assert!(
+            err.to_string()
+                .starts_with("cannot write the output file /nonexistent-dir/out.ndjson"),
+            "{err}"
+        );
         assert_eq!(parse_size("100M"), Ok(100 << 20));
         assert_eq!(parse_size("1.5G"), Ok(3 << 29));
         assert_eq!(parse_size("64KiB"), Ok(64 << 10));

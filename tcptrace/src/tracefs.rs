@@ -31,7 +31,11 @@ const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing
 
 /// The tracefs mount point, mounting it at /sys/kernel/tracing when nothing is mounted.
 pub fn find_or_mount() -> Result<PathBuf, TracefsError> {
-    if let Some(p) = CANDIDATES.iter().map(Path::new).find(|p| p.join("events").is_dir()) {
+    if let Some(p) = CANDIDATES
+        .iter()
+        .map(Path::new)
+        .find(|p| p.join("events").is_dir())
+    {
         return Ok(p.to_path_buf());
     }
     let target = c"/sys/kernel/tracing";
@@ -103,7 +107,9 @@ pub fn parse_format(text: &str) -> Result<TracepointLayout, TracefsError> {
         let off = u16::try_from(off)
             .ok()
             .filter(|o| *o < 4096)
-            .ok_or_else(|| TracefsError::Layout(format!("field `{name}` offset {off} is implausible")))?;
+            .ok_or_else(|| {
+                TracefsError::Layout(format!("field `{name}` offset {off} is implausible"))
+            })?;
         Ok((off, size as u16))
     };
     let (protocol, protocol_size) = get("protocol", &[1, 2])?;
@@ -156,7 +162,10 @@ mod tests {
         let no_family = FMT_6_18.replace("field:__u16 family;", "field:__u16 fam;");
         let err = parse_format(&no_family).unwrap_err().to_string();
         assert!(err.contains("field `family` is missing"), "{err}");
-        let wide = FMT_6_18.replace("saddr[4];\toffset:32;\tsize:4;", "saddr[4];\toffset:32;\tsize:8;");
+        let wide = FMT_6_18.replace(
+            "saddr[4];\toffset:32;\tsize:4;",
+            "saddr[4];\toffset:32;\tsize:8;",
+        );
         let err = parse_format(&wide).unwrap_err().to_string();
         assert!(err.contains("`saddr` has size 8"), "{err}");
         assert!(parse_format("").is_err());

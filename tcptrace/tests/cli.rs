@@ -65,7 +65,10 @@ fn start(args: &[&str], stdout: Stdio) -> Child {
             Some(Ok(_)) => {}
             _ => panic!("tcptrace {args:?} did not start"),
         }
-        assert!(Instant::now() < deadline, "tcptrace {args:?} did not start in time");
+        assert!(
+            Instant::now() < deadline,
+            "tcptrace {args:?} did not start in time"
+        );
     }
     // Keep draining stderr so the child never blocks on it; keep it for assertions.
     let collected = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -85,7 +88,12 @@ thread_local! {
 }
 
 fn stderr_so_far() -> String {
-    STDERR.with(|s| s.borrow().as_ref().map(|m| m.lock().unwrap().clone()).unwrap_or_default())
+    STDERR.with(|s| {
+        s.borrow()
+            .as_ref()
+            .map(|m| m.lock().unwrap().clone())
+            .unwrap_or_default()
+    })
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -101,7 +109,10 @@ fn wait(mut child: Child, within: Duration) -> std::process::ExitStatus {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("tcptrace did not exit within {within:?}; stderr:\n{}", stderr_so_far());
+            panic!(
+                "tcptrace did not exit within {within:?}; stderr:\n{}",
+                stderr_so_far()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -109,9 +120,16 @@ fn wait(mut child: Child, within: Duration) -> std::process::ExitStatus {
 
 fn ndjson_lines(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(text.is_empty() || text.ends_with('\n'), "{} ends with a complete line", path.display());
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "{} ends with a complete line",
+        path.display()
+    );
     text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display())))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display()))
+        })
         .collect()
 }
 
@@ -125,20 +143,44 @@ fn transitions_on(lines: &[serde_json::Value], port: u16) -> usize {
 #[test]
 fn bad_flags_and_missing_privileges_are_one_sentence_and_nonzero() {
     let o = run(&["--view", "everything"]);
-    assert!(!o.status.success(), "{}", show("tcptrace --view everything", &o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid value 'everything'"), "{}", show("--view", &o));
+    assert!(
+        !o.status.success(),
+        "{}",
+        show("tcptrace --view everything", &o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("invalid value 'everything'"),
+        "{}",
+        show("--view", &o)
+    );
 
     let o = run(&["--duration", "soon"]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("examples: 500ms, 30s, 5m"), "{}", show("--duration soon", &o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("examples: 500ms, 30s, 5m"),
+        "{}",
+        show("--duration soon", &o)
+    );
 
     // Without privileges: drop every capability and become nobody.
     let o = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", BIN])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            BIN,
+        ])
         .output()
         .expect("setpriv (util-linux)");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{}", show("setpriv … tcptrace", &o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        show("setpriv … tcptrace", &o)
+    );
     assert_eq!(
         err.trim(),
         "tcptrace: loading the eBPF program needs root or the CAP_BPF and CAP_PERFMON capabilities; run tcptrace with sudo",
@@ -156,14 +198,29 @@ fn the_daemon_drops_every_capability_once_attached() {
     let _g = lock();
     let child = start(&["--view", "none"], Stdio::null());
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let cap = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("?").to_string();
-    assert_eq!((cap("CapEff:"), cap("CapPrm:")), ("0000000000000000".into(), "0000000000000000".into()), "{status}");
+    let cap = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("?")
+            .to_string()
+    };
+    assert_eq!(
+        (cap("CapEff:"), cap("CapPrm:")),
+        ("0000000000000000".into(), "0000000000000000".into()),
+        "{status}"
+    );
     assert_eq!(cap("NoNewPrivs:"), "1");
     // And it still works without them: counters, ring buffer, a clean exit.
     churn(3);
     std::thread::sleep(Duration::from_millis(300));
     signal(&child, libc::SIGTERM);
-    assert!(wait(child, Duration::from_secs(10)).success(), "{}", stderr_so_far());
+    assert!(
+        wait(child, Duration::from_secs(10)).success(),
+        "{}",
+        stderr_so_far()
+    );
     assert!(!stderr_so_far().contains("rror"), "{}", stderr_so_far());
 }
 
@@ -172,23 +229,57 @@ fn analyze_reports_a_malformed_line_by_number_and_keeps_what_it_computed() {
     let d = tmpdir("analyze");
     let log = d.join("log.ndjson");
     let good = r#"{"type":"transition","schema":1,"ts_ns":1000,"time":"2026-01-01T00:00:00Z","conn_id":4096,"skaddr":"0x1","family":"ipv4","laddr":"127.0.0.1","lport":0,"raddr":"127.0.0.1","rport":80,"old":"CLOSE","new":"SYN_SENT","owner_pid":7,"owner_tid":7,"owner_comm":"curl","owner_source":"kernel","task_pid":7,"task_tid":7,"task_comm":"curl","starts_conn":true,"midlife":false,"cpu":0}"#;
-    let second = good.replace("\"ts_ns\":1000", "\"ts_ns\":2000").replace("\"lport\":0", "\"lport\":5555").replace("\"old\":\"CLOSE\",\"new\":\"SYN_SENT\"", "\"old\":\"SYN_SENT\",\"new\":\"ESTABLISHED\"").replace("\"starts_conn\":true", "\"starts_conn\":false");
-    std::fs::write(&log, format!("{good}\n{second}\n{{\"type\":\"transition\",\"schema\":1,\"ts_ns\":\n{good}\n")).unwrap();
+    let second = good
+        .replace("\"ts_ns\":1000", "\"ts_ns\":2000")
+        .replace("\"lport\":0", "\"lport\":5555")
+        .replace(
+            "\"old\":\"CLOSE\",\"new\":\"SYN_SENT\"",
+            "\"old\":\"SYN_SENT\",\"new\":\"ESTABLISHED\"",
+        )
+        .replace("\"starts_conn\":true", "\"starts_conn\":false");
+    std::fs::write(
+        &log,
+        format!("{good}\n{second}\n{{\"type\":\"transition\",\"schema\":1,\"ts_ns\":\n{good}\n"),
+    )
+    .unwrap();
     let o = run(&["analyze", log.to_str().unwrap(), "--view", "none"]);
     let cmd = format!("tcptrace analyze {}", log.display());
     assert_eq!(o.status.code(), Some(1), "{}", show(&cmd, &o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("malformed log at line 3: not JSON"), "{}", show(&cmd, &o));
+    assert!(
+        err.contains("malformed log at line 3: not JSON"),
+        "{}",
+        show(&cmd, &o)
+    );
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("3 lines, 2 transitions"), "what was computed is reported: {}", show(&cmd, &o));
+    assert!(
+        out.contains("3 lines, 2 transitions"),
+        "what was computed is reported: {}",
+        show(&cmd, &o)
+    );
 
-    let o = run(&["analyze", log.to_str().unwrap(), "--view", "none", "--skip-bad"]);
+    let o = run(&[
+        "analyze",
+        log.to_str().unwrap(),
+        "--view",
+        "none",
+        "--skip-bad",
+    ]);
     assert!(o.status.success(), "{}", show(&cmd, &o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("4 lines, 3 transitions, 1 bad lines skipped"), "{}", show(&cmd, &o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("4 lines, 3 transitions, 1 bad lines skipped"),
+        "{}",
+        show(&cmd, &o)
+    );
 
     let o = run(&["analyze", "/nonexistent/log.ndjson"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).starts_with("tcptrace: cannot open the log /nonexistent/log.ndjson"), "{}", show("analyze missing", &o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .starts_with("tcptrace: cannot open the log /nonexistent/log.ndjson"),
+        "{}",
+        show("analyze missing", &o)
+    );
 }
 
 #[test]
@@ -199,22 +290,43 @@ fn sigterm_flushes_everything_and_analyze_reads_it_back() {
     let _g = lock();
     let d = tmpdir("sigterm");
     let out = d.join("trace.ndjson");
-    let child = start(&["--view", "none", "--output", out.to_str().unwrap()], Stdio::null());
+    let child = start(
+        &["--view", "none", "--output", out.to_str().unwrap()],
+        Stdio::null(),
+    );
     let port = churn(50);
     std::thread::sleep(Duration::from_millis(300));
     signal(&child, libc::SIGTERM);
-    assert!(wait(child, Duration::from_secs(10)).success(), "{}", stderr_so_far());
+    assert!(
+        wait(child, Duration::from_secs(10)).success(),
+        "{}",
+        stderr_so_far()
+    );
     let lines = ndjson_lines(&out);
-    assert_eq!(transitions_on(&lines, port), 50 * 10 + 2, "no transition lost");
+    assert_eq!(
+        transitions_on(&lines, port),
+        50 * 10 + 2,
+        "no transition lost"
+    );
     let last = lines.last().expect("lines");
-    assert_eq!(last["type"], "summary", "the last line is the complete summary");
+    assert_eq!(
+        last["type"], "summary",
+        "the last line is the complete summary"
+    );
     assert_eq!(last["lost"], 0);
-    assert!(lines.iter().any(|v| v["type"] == "lifecycle" && v["close_kind"] == "passive_close"));
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["type"] == "lifecycle" && v["close_kind"] == "passive_close")
+    );
 
     let o = run(&["analyze", out.to_str().unwrap(), "--view", "none"]);
     assert!(o.status.success(), "{}", show("analyze", &o));
     let report = String::from_utf8_lossy(&o.stdout);
-    assert!(report.contains("active_close=") && report.contains("passive_close="), "{report}");
+    assert!(
+        report.contains("active_close=") && report.contains("passive_close="),
+        "{report}"
+    );
     assert!(report.contains("handshake ("), "{report}");
 }
 
@@ -227,7 +339,16 @@ fn output_rotates_by_size_and_reopens_on_sighup() {
     let d = tmpdir("rotate");
     let out = d.join("trace.ndjson");
     let child = start(
-        &["--view", "none", "--output", out.to_str().unwrap(), "--rotate-size", "64K", "--rotate-keep", "50"],
+        &[
+            "--view",
+            "none",
+            "--output",
+            out.to_str().unwrap(),
+            "--rotate-size",
+            "64K",
+            "--rotate-keep",
+            "50",
+        ],
         Stdio::null(),
     );
     let port1 = churn(100);
@@ -240,17 +361,28 @@ fn output_rotates_by_size_and_reopens_on_sighup() {
     let port2 = churn(20);
     std::thread::sleep(Duration::from_millis(300));
     signal(&child, libc::SIGTERM);
-    assert!(wait(child, Duration::from_secs(10)).success(), "{}", stderr_so_far());
+    assert!(
+        wait(child, Duration::from_secs(10)).success(),
+        "{}",
+        stderr_so_far()
+    );
 
     let files: Vec<PathBuf> = std::fs::read_dir(&d)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.to_string_lossy().contains("trace.ndjson."))
         .collect();
-    assert!(files.len() >= 2, "~1200 lines of ~500 B overflow 64K more than once: {files:?}");
+    assert!(
+        files.len() >= 2,
+        "~1200 lines of ~500 B overflow 64K more than once: {files:?}"
+    );
     let mut all = ndjson_lines(&moved);
     for p in &files {
-        assert!(std::fs::metadata(p).unwrap().len() < 64 * 1024 + 4096, "{} stays near the limit", p.display());
+        assert!(
+            std::fs::metadata(p).unwrap().len() < 64 * 1024 + 4096,
+            "{} stays near the limit",
+            p.display()
+        );
         all.extend(ndjson_lines(p));
     }
     let current = ndjson_lines(&out);
@@ -259,8 +391,15 @@ fn output_rotates_by_size_and_reopens_on_sighup() {
     assert_eq!(transitions_on(&all, port1), 100 * 10 + 2);
     assert_eq!(transitions_on(&all, port2), 20 * 10 + 2);
     // The moved file stopped at SIGHUP; the reopened path got the later lines.
-    assert_eq!(transitions_on(&ndjson_lines(&moved), port2), 0, "the moved file got nothing after SIGHUP");
-    assert!(transitions_on(&current, port2) > 0, "the reopened file gets the new lines");
+    assert_eq!(
+        transitions_on(&ndjson_lines(&moved), port2),
+        0,
+        "the moved file got nothing after SIGHUP"
+    );
+    assert!(
+        transitions_on(&current, port2) > 0,
+        "the reopened file gets the new lines"
+    );
     assert_eq!(current.last().unwrap()["type"], "summary");
 }
 
@@ -280,14 +419,32 @@ fn a_full_disk_is_reported_once_and_tracing_goes_on() {
     let port = churn(5);
     std::thread::sleep(Duration::from_millis(400));
     signal(&child, libc::SIGINT);
-    assert!(wait(child, Duration::from_secs(10)).success(), "{}", stderr_so_far());
+    assert!(
+        wait(child, Duration::from_secs(10)).success(),
+        "{}",
+        stderr_so_far()
+    );
     let printed = reader.join().unwrap();
-    let on_port = printed.lines().filter(|l| l.contains(&format!(":{port} "))).count();
-    assert_eq!(on_port, 5 * 10 + 2, "the terminal still got everything:\n{printed}");
+    let on_port = printed
+        .lines()
+        .filter(|l| l.contains(&format!(":{port} ")))
+        .count();
+    assert_eq!(
+        on_port,
+        5 * 10 + 2,
+        "the terminal still got everything:\n{printed}"
+    );
     let err = stderr_so_far();
     let reports: Vec<&str> = err.lines().filter(|l| l.contains("/dev/full")).collect();
-    assert_eq!(reports.len(), 1, "one clear error, not one per line:\n{err}");
-    assert!(reports[0].contains("No space left on device") && reports[0].contains("tracing goes on"), "{err}");
+    assert_eq!(
+        reports.len(),
+        1,
+        "one clear error, not one per line:\n{err}"
+    );
+    assert!(
+        reports[0].contains("No space left on device") && reports[0].contains("tracing goes on"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -305,9 +462,16 @@ fn a_closed_pipe_ends_tracing_quietly() {
     drop(stdout); // like `| head -1` exiting
     churn(20);
     let status = wait(child, Duration::from_secs(10));
-    assert!(status.success(), "exit status {status}; stderr:\n{}", stderr_so_far());
+    assert!(
+        status.success(),
+        "exit status {status}; stderr:\n{}",
+        stderr_so_far()
+    );
     let err = stderr_so_far();
-    assert!(!err.contains("error") && !err.contains("panicked"), "quiet exit:\n{err}");
+    assert!(
+        !err.contains("error") && !err.contains("panicked"),
+        "quiet exit:\n{err}"
+    );
 }
 
 #[test]
@@ -318,15 +482,32 @@ fn csv_output_has_a_header_and_parses_back() {
     let _g = lock();
     let d = tmpdir("csv");
     let out = d.join("trace.csv");
-    let child = start(&["--view", "none", "--format", "csv", "--output", out.to_str().unwrap()], Stdio::null());
+    let child = start(
+        &[
+            "--view",
+            "none",
+            "--format",
+            "csv",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        Stdio::null(),
+    );
     let port = churn(10);
     std::thread::sleep(Duration::from_millis(300));
     signal(&child, libc::SIGTERM);
-    assert!(wait(child, Duration::from_secs(10)).success(), "{}", stderr_so_far());
+    assert!(
+        wait(child, Duration::from_secs(10)).success(),
+        "{}",
+        stderr_so_far()
+    );
     let mut r = csv::Reader::from_path(&out).unwrap();
     let headers = r.headers().unwrap().clone();
     assert_eq!(&headers[0], "type");
-    let rows: Vec<tcptrace::sink::csv::CsvRow> = r.deserialize().map(|row| row.expect("a valid row")).collect();
+    let rows: Vec<tcptrace::sink::csv::CsvRow> = r
+        .deserialize()
+        .map(|row| row.expect("a valid row"))
+        .collect();
     let ours = rows
         .iter()
         .filter(|r| r.kind == "transition" && (r.lport == Some(port) || r.rport == Some(port)))

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use tcptrace::decode::{decode, encode};
 use tcptrace::engine::{Engine, EngineConfig, Role, TransitionRecord};
-use tcptrace::sink::ndjson::{encode_transition, parse_transition};
+use tcptrace::sink::ndjson::{encode_transition, parse_transition, parse_transition_json};
 use tcptrace::sink::time::WallClock;
 use tcptrace_common::{AF_INET, AF_INET6, Owner, StateEvent};
 
@@ -12,27 +12,42 @@ fn state_event() -> impl Strategy<Value = StateEvent> {
     (
         (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
         (any::<[u8; 16]>(), any::<[u8; 16]>(), any::<[u8; 16]>()),
-        (any::<u16>(), any::<u16>(), prop_oneof![Just(AF_INET), Just(AF_INET6), any::<u16>()]),
+        (
+            any::<u16>(),
+            any::<u16>(),
+            prop_oneof![Just(AF_INET), Just(AF_INET6), any::<u16>()],
+        ),
         (0u8..16, 0u8..16, any::<u32>(), any::<u32>()),
         (any::<u32>(), any::<u32>(), any::<[u8; 16]>()),
     )
-        .prop_map(|((ts, sk, id, pt), (sa, da, comm), (sp, dp, fam), (o, n, fl, cpu), (tg, pid, oc))| StateEvent {
-            ts_ns: ts,
-            skaddr: sk,
-            conn_id: id,
-            pid_tgid: pt,
-            saddr: sa,
-            daddr: da,
-            comm,
-            sport: sp,
-            dport: dp,
-            family: fam,
-            oldstate: o,
-            newstate: n,
-            flags: fl,
-            cpu,
-            owner: Owner { tgid: tg, pid, uid: 0, source: 1, cgroup_id: 0, comm: oc },
-        })
+        .prop_map(
+            |((ts, sk, id, pt), (sa, da, comm), (sp, dp, fam), (o, n, fl, cpu), (tg, pid, oc))| {
+                StateEvent {
+                    ts_ns: ts,
+                    skaddr: sk,
+                    conn_id: id,
+                    pid_tgid: pt,
+                    saddr: sa,
+                    daddr: da,
+                    comm,
+                    sport: sp,
+                    dport: dp,
+                    family: fam,
+                    oldstate: o,
+                    newstate: n,
+                    flags: fl,
+                    cpu,
+                    owner: Owner {
+                        tgid: tg,
+                        pid,
+                        uid: 0,
+                        source: 1,
+                        cgroup_id: 0,
+                        comm: oc,
+                    },
+                }
+            },
+        )
 }
 
 proptest! {
@@ -78,6 +93,9 @@ proptest! {
             false => line.clone(),
         };
         let _ = parse_transition(&mangled);
+        // The fast path and the full JSON parser agree on mangled and clean lines alike.
+        prop_assert_eq!(parse_transition(&mangled).ok(), parse_transition_json(&mangled).ok());
+        prop_assert_eq!(parse_transition(&line), parse_transition_json(&line));
         // Unmangled, it reads back to what was written.
         let back = parse_transition(&line).unwrap().unwrap();
         prop_assert_eq!(back.conn_id, t.conn_id);

@@ -14,7 +14,11 @@ use tcptrace::leaky::{LEAKY_COMM, LeakyServer, polite_client};
 
 fn tracer_with(f: FilterArgs) -> Tracer {
     let filter = f.to_kernel().expect("valid filter");
-    Tracer::start(TracerConfig { filter, ..TracerConfig::default() }).unwrap_or_else(|e| panic!("load: {e}"))
+    Tracer::start(TracerConfig {
+        filter,
+        ..TracerConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("load: {e}"))
 }
 
 fn one_connection(bind: &str) -> u16 {
@@ -37,7 +41,10 @@ fn port_and_address_filters_keep_exactly_the_matching_connections() {
         // Choose the kept port first, so the filter can name it.
         let kept = TcpListener::bind("127.0.0.1:0").unwrap();
         let kept_port = kept.local_addr().unwrap().port();
-        let mut tracer = tracer_with(FilterArgs { ports: vec![kept_port], ..FilterArgs::default() });
+        let mut tracer = tracer_with(FilterArgs {
+            ports: vec![kept_port],
+            ..FilterArgs::default()
+        });
         let c = TcpStream::connect(("127.0.0.1", kept_port)).unwrap();
         let (mut s, _) = kept.accept().unwrap();
         drop(c);
@@ -45,24 +52,63 @@ fn port_and_address_filters_keep_exactly_the_matching_connections() {
         drop(s);
         drop(kept);
         let other = one_connection("127.0.0.1:0");
-        let events = collect(&mut tracer, |_| true, |e| e.len() >= 11, Duration::from_secs(3)).await;
-        let on_kept = events.iter().filter(|t| t.local.port() == kept_port || t.remote.port() == kept_port).count();
+        let events = collect(
+            &mut tracer,
+            |_| true,
+            |e| e.len() >= 11,
+            Duration::from_secs(3),
+        )
+        .await;
+        let on_kept = events
+            .iter()
+            .filter(|t| t.local.port() == kept_port || t.remote.port() == kept_port)
+            .count();
         // 12 minus the listener's CLOSE→LISTEN, which happened before the tracer loaded.
         assert_eq!(on_kept, 11, "{}", show(&events));
-        assert!(events.iter().all(|t| t.local.port() != other && t.remote.port() != other), "{}", show(&events));
+        assert!(
+            events
+                .iter()
+                .all(|t| t.local.port() != other && t.remote.port() != other),
+            "{}",
+            show(&events)
+        );
         let c = tracer.counters();
-        assert!(c.filtered >= 12, "the other connection's transitions were dropped in the kernel: {c:?}");
+        assert!(
+            c.filtered >= 12,
+            "the other connection's transitions were dropped in the kernel: {c:?}"
+        );
         assert_no_loss(&c);
     });
     runtime().block_on(async {
-        let mut tracer = tracer_with(FilterArgs { ipv6: true, laddr: Some(parse_cidr("::1/128").unwrap()), ..FilterArgs::default() });
+        let mut tracer = tracer_with(FilterArgs {
+            ipv6: true,
+            laddr: Some(parse_cidr("::1/128").unwrap()),
+            ..FilterArgs::default()
+        });
         let v4 = one_connection("127.0.0.1:0");
         let v6 = one_connection("[::1]:0");
-        let events = collect(&mut tracer, |_| true, |e| e.len() >= 12, Duration::from_secs(3)).await;
-        assert!(events.iter().all(|t| t.local.is_ipv6()), "{}", show(&events));
-        assert!(events.iter().all(|t| t.local.port() != v4 && t.remote.port() != v4));
+        let events = collect(
+            &mut tracer,
+            |_| true,
+            |e| e.len() >= 12,
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(
+            events.iter().all(|t| t.local.is_ipv6()),
+            "{}",
+            show(&events)
+        );
+        assert!(
+            events
+                .iter()
+                .all(|t| t.local.port() != v4 && t.remote.port() != v4)
+        );
         // All 12: even SYN_SENT carries the local address (only its port is still 0).
-        let on_v6 = events.iter().filter(|t| t.local.port() == v6 || t.remote.port() == v6).count();
+        let on_v6 = events
+            .iter()
+            .filter(|t| t.local.port() == v6 || t.remote.port() == v6)
+            .count();
         assert_eq!(on_v6, 12, "{}", show(&events));
     });
 }
@@ -75,26 +121,42 @@ fn owner_filter_keeps_a_process_sockets_from_their_first_event() {
     let _g = lock();
     runtime().block_on(async {
         let exe = std::path::Path::new(env!("CARGO_BIN_EXE_tcptrace"));
-        // The server must exist before the filter can name its pid; its listen() happened
-        // before the tracer, so start a second server under the filter for a clean life.
-        let probe = LeakyServer::spawn(exe, "127.0.0.1:0").unwrap();
-        let pid = probe.pid();
-        probe.stop();
-        let mut tracer = tracer_with(FilterArgs { comm: Some(LEAKY_COMM.into()), ..FilterArgs::default() });
+        // By command name: a pid cannot be named before the process exists, and its listen()
+        // must happen under the tracer for the whole life to be seen.
+        let mut tracer = tracer_with(FilterArgs {
+            comm: Some(LEAKY_COMM.into()),
+            ..FilterArgs::default()
+        });
         let server = LeakyServer::spawn(exe, "127.0.0.1:0").unwrap();
         let port = server.addr.port();
         polite_client(server.addr, 2).unwrap();
-        let events = collect(&mut tracer, |t| t.local.port() == port || t.remote.port() == port, |e| e.len() >= 1 + 2 * 3, Duration::from_secs(3)).await;
+        let events = collect(
+            &mut tracer,
+            |t| t.local.port() == port || t.remote.port() == port,
+            |e| e.len() > 2 * 3,
+            Duration::from_secs(3),
+        )
+        .await;
         // Listener CLOSE→LISTEN, then per accepted child LISTEN→SYN_RECV, SYN_RECV→ESTABLISHED,
         // ESTABLISHED→CLOSE_WAIT: all owned by the server. The client's 5 per connection
         // (owned by this test process) are dropped in the kernel.
         assert_eq!(events.len(), 1 + 2 * 3, "{}", show(&events));
         for t in &events {
             let o = t.owner.expect("owner known from the first event");
-            assert_eq!((o.pid, o.comm.as_str().as_ref()), (server.pid(), LEAKY_COMM), "{}", show(&events));
+            assert_eq!(
+                (o.pid, o.comm.as_str().as_ref()),
+                (server.pid(), LEAKY_COMM),
+                "{}",
+                show(&events)
+            );
         }
-        assert_eq!(events.iter().filter(|t| (t.old, t.new) == (Listen, SynRecv)).count(), 2);
-        assert_ne!(pid, server.pid());
+        assert_eq!(
+            events
+                .iter()
+                .filter(|t| (t.old, t.new) == (Listen, SynRecv))
+                .count(),
+            2
+        );
         server.stop();
         assert_no_loss(&tracer.counters());
     });

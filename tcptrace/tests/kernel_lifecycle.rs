@@ -20,7 +20,10 @@ use tcptrace::sink::time::WallClock;
 
 type Outputs = Rc<RefCell<Vec<Output>>>;
 
-fn pipeline_with(cfg: EngineConfig, sinks: Vec<Box<dyn tcptrace::sink::Sink>>) -> (Pipeline, Outputs) {
+fn pipeline_with(
+    cfg: EngineConfig,
+    sinks: Vec<Box<dyn tcptrace::sink::Sink>>,
+) -> (Pipeline, Outputs) {
     let seen: Outputs = Rc::default();
     let mut p = Pipeline::new(Engine::new(cfg), sinks);
     let s = seen.clone();
@@ -30,12 +33,21 @@ fn pipeline_with(cfg: EngineConfig, sinks: Vec<Box<dyn tcptrace::sink::Sink>>) -
 
 /// Feeds everything pending in the ring buffer to the pipeline, and ticks its clock.
 fn pump(tracer: &mut Tracer, p: &mut Pipeline) {
-    tracer.drain(|b| p.feed(&decode(b).expect("decodable event")).expect("sinks write"));
+    tracer.drain(|b| {
+        p.feed(&decode(b).expect("decodable event"))
+            .expect("sinks write")
+    });
     p.tick(monotonic_ns()).expect("sinks write");
     p.flush().expect("sinks flush");
 }
 
-async fn pump_until(tracer: &mut Tracer, p: &mut Pipeline, seen: &Outputs, timeout: Duration, done: impl Fn(&[Output]) -> bool) {
+async fn pump_until(
+    tracer: &mut Tracer,
+    p: &mut Pipeline,
+    seen: &Outputs,
+    timeout: Duration,
+    done: impl Fn(&[Output]) -> bool,
+) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         pump(tracer, p);
@@ -58,10 +70,20 @@ fn close_wait_alerts(seen: &[Output]) -> Vec<Alert> {
 /// How many sockets `ss` says are in CLOSE_WAIT on local port `port`.
 fn ss_close_wait(port: u16) -> usize {
     let out = std::process::Command::new("ss")
-        .args(["-Htan", "state", "close-wait", "sport", "=", &format!(":{port}")])
+        .args([
+            "-Htan",
+            "state",
+            "close-wait",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ])
         .output()
         .expect("ss (iproute2) is installed by `cargo xtask setup`");
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
 }
 
 #[test]
@@ -74,52 +96,97 @@ fn leaking_server_is_named_while_stuck_and_the_alert_resolves_when_it_closes() {
     let threshold = Duration::from_secs(1);
     runtime().block_on(async {
         let cfg = EngineConfig {
-            rules: RulesConfig { close_wait_after_ns: threshold.as_nanos() as u64, ..RulesConfig::default() },
+            rules: RulesConfig {
+                close_wait_after_ns: threshold.as_nanos() as u64,
+                ..RulesConfig::default()
+            },
             ..EngineConfig::default()
         };
         let (mut p, seen) = pipeline_with(cfg, Vec::new());
         let mut tracer = start_tracer();
-        let server = LeakyServer::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_tcptrace")), "127.0.0.1:0")
-            .expect("leaky server starts");
+        let server = LeakyServer::spawn(
+            std::path::Path::new(env!("CARGO_BIN_EXE_tcptrace")),
+            "127.0.0.1:0",
+        )
+        .expect("leaky server starts");
         let (server_pid, port) = (server.pid(), server.addr.port());
         let started = Instant::now();
         polite_client(server.addr, LEAKS).expect("client connects");
 
-        pump_until(&mut tracer, &mut p, &seen, threshold + Duration::from_secs(5), |s| {
-            close_wait_alerts(s).iter().any(|a| a.status == AlertStatus::Firing)
-        })
+        pump_until(
+            &mut tracer,
+            &mut p,
+            &seen,
+            threshold + Duration::from_secs(5),
+            |s| {
+                close_wait_alerts(s)
+                    .iter()
+                    .any(|a| a.status == AlertStatus::Firing)
+            },
+        )
         .await;
         let alerts = close_wait_alerts(&seen.borrow());
-        let firing = alerts.iter().find(|a| a.status == AlertStatus::Firing).expect("a stuck_close_wait alert fired");
+        let firing = alerts
+            .iter()
+            .find(|a| a.status == AlertStatus::Firing)
+            .expect("a stuck_close_wait alert fired");
         // Raised while the sockets are still stuck, by the timer, not by a later event.
-        assert_eq!(ss_close_wait(port), LEAKS, "ss sees the leaked sockets still in CLOSE_WAIT");
+        assert_eq!(
+            ss_close_wait(port),
+            LEAKS,
+            "ss sees the leaked sockets still in CLOSE_WAIT"
+        );
         assert!(started.elapsed() >= threshold, "not before the threshold");
         let owner = firing.owner.expect("the alert names an owner");
         // The server, never the client (this test process), whose task fires
         // ESTABLISHED→CLOSE_WAIT on loopback.
-        assert_eq!((owner.pid, owner.comm.as_str().as_ref()), (server_pid, LEAKY_COMM), "{firing:?}");
+        assert_eq!(
+            (owner.pid, owner.comm.as_str().as_ref()),
+            (server_pid, LEAKY_COMM),
+            "{firing:?}"
+        );
         assert_ne!(owner.pid, std::process::id());
         assert_eq!(firing.count, LEAKS as u64, "{firing:?}");
-        assert!(firing.message.contains(&format!("pid {server_pid} ({LEAKY_COMM}) holds {LEAKS} sockets in CLOSE_WAIT")), "{}", firing.message);
-        assert!(firing.explanation.contains("has not called close()"), "{}", firing.explanation);
+        assert!(
+            firing.message.contains(&format!(
+                "pid {server_pid} ({LEAKY_COMM}) holds {LEAKS} sockets in CLOSE_WAIT"
+            )),
+            "{}",
+            firing.message
+        );
+        assert!(
+            firing.explanation.contains("has not called close()"),
+            "{}",
+            firing.explanation
+        );
         assert!(firing.oldest_age_ns.unwrap() >= threshold.as_nanos() as u64);
 
         server.stop();
         pump_until(&mut tracer, &mut p, &seen, Duration::from_secs(5), |s| {
-            close_wait_alerts(s).iter().any(|a| a.status == AlertStatus::Resolved)
+            close_wait_alerts(s)
+                .iter()
+                .any(|a| a.status == AlertStatus::Resolved)
         })
         .await;
         let alerts = close_wait_alerts(&seen.borrow());
-        let resolved = alerts.iter().find(|a| a.status == AlertStatus::Resolved).expect("the alert resolved");
+        let resolved = alerts
+            .iter()
+            .find(|a| a.status == AlertStatus::Resolved)
+            .expect("the alert resolved");
         assert_eq!(resolved.owner.map(|o| o.pid), Some(server_pid));
         assert_eq!(resolved.total, LEAKS as u64, "{resolved:?}");
-        assert!(resolved.oldest_age_ns.unwrap() >= threshold.as_nanos() as u64, "total time stuck: {resolved:?}");
+        assert!(
+            resolved.oldest_age_ns.unwrap() >= threshold.as_nanos() as u64,
+            "total time stuck: {resolved:?}"
+        );
         // Each leaked socket's lifecycle: a passive close that spent ≥ threshold in CLOSE_WAIT.
         let leaked: Vec<LifecycleRecord> = seen
             .borrow()
             .iter()
             .filter_map(|o| match o {
-                Output::Lifecycle(l) if l.local.port() == port && l.remote.port() != 0 => Some(l.clone()),
+                Output::Lifecycle(l) if l.local.port() == port && l.remote.port() != 0 => {
+                    Some(l.clone())
+                }
                 _ => None,
             })
             .collect();
@@ -127,8 +194,15 @@ fn leaking_server_is_named_while_stuck_and_the_alert_resolves_when_it_closes() {
         for l in &leaked {
             assert_eq!(l.close_kind, Some(CloseKind::PassiveClose), "{l:?}");
             assert_eq!(l.owner.map(|o| o.pid), Some(server_pid));
-            let cw = l.path.iter().find(|s| s.state == tcptrace::event::TcpState::CloseWait).expect("CLOSE_WAIT step");
-            assert!(cw.duration_ns.unwrap() >= threshold.as_nanos() as u64, "{l:?}");
+            let cw = l
+                .path
+                .iter()
+                .find(|s| s.state == tcptrace::event::TcpState::CloseWait)
+                .expect("CLOSE_WAIT step");
+            assert!(
+                cw.duration_ns.unwrap() >= threshold.as_nanos() as u64,
+                "{l:?}"
+            );
         }
         assert_no_loss(&tracer.counters());
     });
@@ -153,7 +227,10 @@ fn connections() -> Vec<u16> {
             drop(second);
         }
         drop(l);
-        assert!(TcpStream::connect(addr).is_err(), "nothing listens on {addr} any more");
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "nothing listens on {addr} any more"
+        );
     }
     ports
 }

@@ -24,7 +24,11 @@ fn client_closes_first(bind: &str) -> (u16, u16) {
     let cport = client.local_addr().expect("client addr").port();
     drop(client);
     let mut buf = [0u8; 16];
-    assert_eq!(server.read(&mut buf).expect("server read"), 0, "server expects EOF");
+    assert_eq!(
+        server.read(&mut buf).expect("server read"),
+        0,
+        "server expects EOF"
+    );
     drop(server);
     drop(listener);
     (addr.port(), cport)
@@ -37,12 +41,22 @@ fn ours(port: u16) -> impl Fn(&Transition) -> bool {
 /// Classifies the test's three sockets by their first transition.
 fn check_three_sockets(events: &[Transition], port: u16, cport: u16, family_v6: bool) {
     let conns = by_conn(events);
-    assert_eq!(conns.len(), 3, "expected client, server and listener:\n{}", show(events));
+    assert_eq!(
+        conns.len(),
+        3,
+        "expected client, server and listener:\n{}",
+        show(events)
+    );
     let mut seen = (false, false, false);
     for evs in conns.values() {
         let p = path(evs);
         for t in evs {
-            assert_eq!(t.local.is_ipv6() || t.remote.is_ipv6(), family_v6, "family of\n{}", show(evs));
+            assert_eq!(
+                t.local.is_ipv6() || t.remote.is_ipv6(),
+                family_v6,
+                "family of\n{}",
+                show(evs)
+            );
         }
         match (evs[0].old, evs[0].new) {
             (Close, SynSent) => {
@@ -63,8 +77,16 @@ fn check_three_sockets(events: &[Transition], port: u16, cport: u16, family_v6: 
             }
             other => panic!("unexpected first transition {other:?}:\n{}", show(evs)),
         }
-        assert!(evs[0].starts_conn, "first event starts the connection:\n{}", show(evs));
-        assert!(evs.iter().all(|t| !t.midlife), "no socket predates the test:\n{}", show(evs));
+        assert!(
+            evs[0].starts_conn,
+            "first event starts the connection:\n{}",
+            show(evs)
+        );
+        assert!(
+            evs.iter().all(|t| !t.midlife),
+            "no socket predates the test:\n{}",
+            show(evs)
+        );
     }
     assert_eq!(seen, (true, true, true), "{}", show(events));
 }
@@ -86,7 +108,11 @@ fn run_one(bind: &str, v6: bool) {
         .await;
         check_three_sockets(&events, port, cport, v6);
         // Addresses are read by family: loopback, never junk from the other family's fields.
-        let lo: std::net::IpAddr = if v6 { "::1".parse().unwrap() } else { "127.0.0.1".parse().unwrap() };
+        let lo: std::net::IpAddr = if v6 {
+            "::1".parse().unwrap()
+        } else {
+            "127.0.0.1".parse().unwrap()
+        };
         for t in events.iter().filter(|t| t.old == Established) {
             assert_eq!((t.local.ip(), t.remote.ip()), (lo, lo), "{}", show(&events));
         }
@@ -112,12 +138,22 @@ fn refused_connect_is_syn_sent_then_close() {
     let _g = lock();
     runtime().block_on(async {
         // A port that nobody listens on: bind one, note it, close it.
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut tracer = start_tracer();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let err = TcpStream::connect(addr).expect_err("nothing listens there");
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
-        let events = collect(&mut tracer, ours(port), |e| e.len() >= 2, Duration::from_secs(5)).await;
+        let events = collect(
+            &mut tracer,
+            ours(port),
+            |e| e.len() >= 2,
+            Duration::from_secs(5),
+        )
+        .await;
         let conns = by_conn(&events);
         assert_eq!(conns.len(), 1, "{}", show(&events));
         let evs = conns.values().next().unwrap();
@@ -201,10 +237,19 @@ fn program_info_and_counters_are_read_from_the_kernel() {
         assert_eq!(info.name, "inet_sock_set_s");
         assert!(info.id > 0);
         let (port, _) = client_closes_first("127.0.0.1:0");
-        let events = collect(&mut tracer, ours(port), |e| e.len() >= 12, Duration::from_secs(5)).await;
+        let events = collect(
+            &mut tracer,
+            ours(port),
+            |e| e.len() >= 12,
+            Duration::from_secs(5),
+        )
+        .await;
         assert_eq!(events.len(), 12);
         let c = tracer.counters();
-        assert!(c.submitted >= 12, "the program counts what it submits: {c:?}");
+        assert!(
+            c.submitted >= 12,
+            "the program counts what it submits: {c:?}"
+        );
     });
 }
 
@@ -244,7 +289,13 @@ fn owner_is_recorded_in_owner_context_and_carried_through_softirq() {
         });
         let server_tid = server_thread.join().unwrap();
         drop(listener);
-        let events = collect(&mut tracer, ours(port), |e| e.len() >= 12, Duration::from_secs(5)).await;
+        let events = collect(
+            &mut tracer,
+            ours(port),
+            |e| e.len() >= 12,
+            Duration::from_secs(5),
+        )
+        .await;
         assert_eq!(events.len(), 12, "{}", show(&events));
         for evs in by_conn(&events).values() {
             let owners: Vec<Option<(u32, String)>> = evs
@@ -264,7 +315,14 @@ fn owner_is_recorded_in_owner_context_and_carried_through_softirq() {
                     // whose task fires ESTABLISHED→CLOSE_WAIT on loopback.
                     let n = evs.len();
                     for (t, o) in evs.iter().zip(&owners).take(n - 2) {
-                        assert_eq!(o, &None, "owner of {} -> {} must be unknown:\n{}", t.old, t.new, show(evs));
+                        assert_eq!(
+                            o,
+                            &None,
+                            "owner of {} -> {} must be unknown:\n{}",
+                            t.old,
+                            t.new,
+                            show(evs)
+                        );
                     }
                     for o in &owners[n - 2..] {
                         assert_eq!(o, &Some((server_tid, "tt-server".into())), "{}", show(evs));

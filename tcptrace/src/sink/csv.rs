@@ -99,7 +99,13 @@ pub fn row(clock: &WallClock, out: &Output) -> CsvRow {
             owner_comm: l.owner.map(|o| o.comm.as_str().into_owned()),
             role: Some(role(l.role)),
             gap: Some(l.gap),
-            path: Some(l.path.iter().map(|s| s.state.name()).collect::<Vec<_>>().join(">")),
+            path: Some(
+                l.path
+                    .iter()
+                    .map(|s| s.state.name())
+                    .collect::<Vec<_>>()
+                    .join(">"),
+            ),
             close_kind: l.close_kind.map(|k| k.name().into()),
             handshake_ns: l.handshake_ns,
             established_ns: l.established_ns,
@@ -116,7 +122,9 @@ pub fn row(clock: &WallClock, out: &Output) -> CsvRow {
             owner_pid: a.owner.map(|o| o.pid),
             owner_comm: a.owner.map(|o| o.comm.as_str().into_owned()),
             rule: Some(a.rule.to_string()),
-            status: serde_json::to_value(a.status).ok().and_then(|v| v.as_str().map(String::from)),
+            status: serde_json::to_value(a.status)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from)),
             key: Some(a.key.clone()),
             count: Some(a.count),
             oldest_age_ns: a.oldest_age_ns,

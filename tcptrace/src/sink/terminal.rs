@@ -47,7 +47,16 @@ impl<W: Write> Terminal<W> {
             View::Lifecycles => writeln!(
                 self.out,
                 "{:<12} {:<5} {:<7} {:<16} {:<ADDR_W$} {:<ADDR_W$} {:<18} {:>9} {:>9} {:>9}  PATH",
-                "END", "", "PID", "COMM", "LOCAL", "REMOTE", "CLOSE", "HANDSHAKE", "ESTAB", "LIFETIME"
+                "END",
+                "",
+                "PID",
+                "COMM",
+                "LOCAL",
+                "REMOTE",
+                "CLOSE",
+                "HANDSHAKE",
+                "ESTAB",
+                "LIFETIME"
             ),
             View::Alerts | View::None => Ok(()),
         }
@@ -120,7 +129,13 @@ pub fn format_lifecycle(clock: &WallClock, l: &LifecycleRecord) -> String {
     let close = match (l.close_kind, l.end) {
         (Some(k), _) => k.name().to_string(),
         (None, EndReason::Closed) => "closed".into(),
-        (None, e) => format!("({})", serde_json::to_value(e).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+        (None, e) => format!(
+            "({})",
+            serde_json::to_value(e)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        ),
     };
     let path: Vec<&str> = l.path.iter().map(|s| s.state.name()).collect();
     let mut flags = String::new();
@@ -155,7 +170,9 @@ impl<W: Write> Sink for Terminal<W> {
             self.header()?;
         }
         let line = match (self.view, out) {
-            (View::Transitions | View::All, Output::Transition(r)) => format_transition(&self.clock, r),
+            (View::Transitions | View::All, Output::Transition(r)) => {
+                format_transition(&self.clock, r)
+            }
             (View::Lifecycles | View::All, Output::Lifecycle(l)) => {
                 // Connections still open at exit are not "finished" lifecycles for a human.
                 if l.end == EndReason::Finished {
@@ -163,7 +180,9 @@ impl<W: Write> Sink for Terminal<W> {
                 }
                 format_lifecycle(&self.clock, l)
             }
-            (View::Transitions | View::Alerts | View::All, Output::Alert(a)) => format_alert(&self.clock, a),
+            (View::Transitions | View::Alerts | View::All, Output::Alert(a)) => {
+                format_alert(&self.clock, a)
+            }
             _ => return Ok(()),
         };
         writeln!(self.out, "{line}")
@@ -202,7 +221,11 @@ mod tests {
                 ts_ns: 0,
                 conn_id: 1,
                 skaddr: 0xffff_0000,
-                task: Task { pid: 999, tid: 999, comm: Comm::new("swapper/1") },
+                task: Task {
+                    pid: 999,
+                    tid: 999,
+                    comm: Comm::new("swapper/1"),
+                },
                 local: "127.0.0.1:40000".parse().unwrap(),
                 remote: "127.0.0.1:8080".parse().unwrap(),
                 old: TcpState::SynSent,
@@ -223,7 +246,11 @@ mod tests {
     #[test]
     fn a_transition_line_has_aligned_columns_and_state_names() {
         let clock = WallClock::identity();
-        let owner = Task { pid: 4242, tid: 4242, comm: Comm::new("curl") };
+        let owner = Task {
+            pid: 4242,
+            tid: 4242,
+            comm: Comm::new("curl"),
+        };
         let line = format_transition(&clock, &record(Some(owner), Some(52_000)));
         let expected_tail = format!(
             " {:<7} {:<16} {:<23} {:<23} {:<12} -> {:<12} {:>9}",
@@ -243,14 +270,27 @@ mod tests {
     fn unknown_owner_is_said_not_guessed() {
         let line = format_transition(&WallClock::identity(), &record(None, None));
         assert!(line.contains(" -       (unknown)"), "{line}");
-        assert!(!line.contains("swapper"), "the softirq's task is not the owner: {line}");
-        assert!(line.trim_end().ends_with(" -"), "unknown time in state: {line}");
+        assert!(
+            !line.contains("swapper"),
+            "the softirq's task is not the owner: {line}"
+        );
+        assert!(
+            line.trim_end().ends_with(" -"),
+            "unknown time in state: {line}"
+        );
     }
 
     #[test]
     fn views_select_what_is_printed() {
         let r = Output::Transition(record(None, Some(1)));
-        let a = Output::Alert(Alert::new("stuck_close_wait", AlertStatus::Firing, 0, "pid=1".into(), "m".into(), "e"));
+        let a = Output::Alert(Alert::new(
+            "stuck_close_wait",
+            AlertStatus::Firing,
+            0,
+            "pid=1".into(),
+            "m".into(),
+            "e",
+        ));
         for (view, want_t, want_a) in [
             (View::Transitions, true, true),
             (View::Alerts, false, true),

@@ -42,7 +42,42 @@ impl WallClock {
         // SAFETY: localtime_r writes into the tm we own.
         let mut tm: libc::tm = unsafe { std::mem::zeroed() };
         unsafe { libc::localtime_r(&secs, &mut tm) };
-        format!("{:02}:{:02}:{:02}.{ms:03}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+        format!(
+            "{:02}:{:02}:{:02}.{ms:03}",
+            tm.tm_hour, tm.tm_min, tm.tm_sec
+        )
+    }
+}
+
+/// RFC 3339 formatting for a stream of nearby timestamps: the `YYYY-MM-DDTHH:MM:SS.` prefix
+/// is computed once per second and reused, so a busy stream pays for nine digits per event.
+#[derive(Debug, Default)]
+pub struct Rfc3339Cache {
+    sec: Option<i128>,
+    prefix: String,
+}
+
+impl Rfc3339Cache {
+    /// Appends `mono_ns` as RFC 3339 UTC with nanoseconds (same text as `WallClock::rfc3339`).
+    pub fn push(&mut self, clock: &WallClock, mono_ns: u64, out: &mut String) {
+        let unix = clock.unix_ns(mono_ns).max(0);
+        let sec = unix / 1_000_000_000;
+        if self.sec != Some(sec) {
+            let full = clock.rfc3339(mono_ns);
+            // "…:SS.nnnnnnnnnZ": keep everything up to and including the dot.
+            self.prefix.clear();
+            self.prefix.push_str(&full[..full.len() - 10]);
+            self.sec = Some(sec);
+        }
+        out.push_str(&self.prefix);
+        let mut nanos = (unix % 1_000_000_000) as u32;
+        let mut digits = [b'0'; 9];
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (nanos % 10) as u8;
+            nanos /= 10;
+        }
+        out.push_str(std::str::from_utf8(&digits).expect("ASCII digits"));
+        out.push('Z');
     }
 }
 
@@ -58,7 +93,11 @@ pub fn human(ns: u64) -> String {
     } else if ns < 3_600_000_000_000 {
         format!("{}m{:02}s", ns / 60_000_000_000, (ns / 1_000_000_000) % 60)
     } else {
-        format!("{}h{:02}m", ns / 3_600_000_000_000, (ns / 60_000_000_000) % 60)
+        format!(
+            "{}h{:02}m",
+            ns / 3_600_000_000_000,
+            (ns / 60_000_000_000) % 60
+        )
     }
 }
 
@@ -73,6 +112,24 @@ mod tests {
         assert_eq!(human(4_200_000_000), "4.2s");
         assert_eq!(human(12 * 60_000_000_000 + 5_000_000_000), "12m05s");
         assert_eq!(human(3 * 3_600_000_000_000 + 5 * 60_000_000_000), "3h05m");
+    }
+
+    #[test]
+    fn the_cached_formatter_writes_what_the_plain_one_does() {
+        let c = WallClock::new(1_700_000_000_000_000_000);
+        let mut cache = Rfc3339Cache::default();
+        for ns in [
+            0,
+            123,
+            999_999_999,
+            1_000_000_000,
+            1_000_000_001,
+            86_400_000_000_123,
+        ] {
+            let mut s = String::new();
+            cache.push(&c, ns, &mut s);
+            assert_eq!(s, c.rfc3339(ns), "at {ns}");
+        }
     }
 
     #[test]
