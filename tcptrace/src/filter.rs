@@ -30,10 +30,15 @@ pub struct FilterArgs {
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr, env = "TCPTRACE_RADDR")]
     pub raddr: Option<CidrArg>,
     /// IPv4 sockets only.
-    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    #[arg(
+        short = '4',
+        long = "ipv4",
+        conflicts_with = "ipv6",
+        env = "TCPTRACE_IPV4"
+    )]
     pub ipv4: bool,
     /// IPv6 sockets only (an IPv4-mapped address on a v6 socket counts as IPv6).
-    #[arg(short = '6', long = "ipv6")]
+    #[arg(short = '6', long = "ipv6", env = "TCPTRACE_IPV6")]
     pub ipv6: bool,
     /// Keep connections owned by this process id.
     #[arg(long, env = "TCPTRACE_PID")]

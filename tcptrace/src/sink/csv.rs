@@ -181,3 +181,140 @@ impl<W: Write> Sink for Csv<W> {
         self.out.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Engine, EngineConfig};
+    use crate::event::{Comm, Task, TcpState, Transition};
+    use crate::sink::ndjson::Ndjson;
+
+    /// A client's and a server's whole lives through the real engine: transitions,
+    /// lifecycles and an alert (a refused connect).
+    fn outputs() -> Vec<Output> {
+        use TcpState::*;
+        let mut engine = Engine::new(EngineConfig::default());
+        let mut out = Vec::new();
+        let owner = Task {
+            pid: 42,
+            tid: 42,
+            comm: Comm::new("curl, \"quoted\""),
+        };
+        let steps = [
+            (Close, SynSent, 0u16),
+            (SynSent, Established, 40000),
+            (Established, FinWait1, 40000),
+            (FinWait1, FinWait2, 40000),
+            (FinWait2, Close, 40000),
+        ];
+        for (i, (old, new, lport)) in steps.into_iter().enumerate() {
+            let t = Transition {
+                ts_ns: 1_000 + i as u64 * 500,
+                conn_id: 4096,
+                skaddr: 1,
+                task: owner,
+                local: SocketAddr::new("10.0.0.1".parse().unwrap(), lport),
+                remote: "10.0.0.5:5432".parse().unwrap(),
+                old,
+                new,
+                starts_conn: i == 0,
+                midlife: false,
+                cpu: 0,
+                owner: Some(owner),
+            };
+            engine.on_transition(&t, &mut out);
+        }
+        for (i, (old, new)) in [(Close, SynSent), (SynSent, Close)].into_iter().enumerate() {
+            let t = Transition {
+                ts_ns: 9_000 + i as u64,
+                conn_id: 8192,
+                skaddr: 2,
+                task: owner,
+                local: "[::1]:0".parse().unwrap(),
+                remote: "[::1]:81".parse().unwrap(),
+                old,
+                new,
+                starts_conn: i == 0,
+                midlife: false,
+                cpu: 1,
+                owner: Some(owner),
+            };
+            engine.on_transition(&t, &mut out);
+        }
+        out
+    }
+
+    use std::net::SocketAddr;
+
+    #[test]
+    fn csv_and_ndjson_of_the_same_outputs_parse_back_into_the_same_records() {
+        let outs = outputs();
+        assert!(outs.iter().any(|o| matches!(o, Output::Lifecycle(_))));
+        assert!(outs.iter().any(|o| matches!(o, Output::Alert(_))));
+        let clock = WallClock::new(1_700_000_000_000_000_000);
+        let mut csv_sink = Csv::new(Vec::new(), clock);
+        let mut json_sink = Ndjson::new(Vec::new(), clock);
+        for o in &outs {
+            csv_sink.record(o).unwrap();
+            json_sink.record(o).unwrap();
+        }
+        let csv_bytes = csv_sink.into_inner().unwrap();
+        let json_bytes = json_sink.into_inner();
+        let from_csv: Vec<CsvRow> = csv::Reader::from_reader(&csv_bytes[..])
+            .deserialize()
+            .map(|r| r.expect("a valid CSV row"))
+            .collect();
+        let from_json: Vec<serde_json::Value> = std::str::from_utf8(&json_bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a valid JSON line"))
+            .collect();
+        assert_eq!(from_csv.len(), outs.len());
+        assert_eq!(from_json.len(), outs.len());
+        for (c, j) in from_csv.iter().zip(&from_json) {
+            assert_eq!(c.kind, j["type"].as_str().unwrap());
+            assert_eq!(c.schema, j["schema"].as_u64().unwrap() as u32);
+            assert_eq!(c.time, j["time"].as_str().unwrap());
+            assert_eq!(
+                c.owner_pid.map(u64::from),
+                j["owner_pid"].as_u64().or(j["owner"]["pid"].as_u64())
+            );
+            match c.kind.as_str() {
+                "transition" => {
+                    assert_eq!(c.conn_id, j["conn_id"].as_u64());
+                    assert_eq!(c.laddr.as_deref(), j["laddr"].as_str());
+                    assert_eq!(c.lport.map(u64::from), j["lport"].as_u64());
+                    assert_eq!(c.raddr.as_deref(), j["raddr"].as_str());
+                    assert_eq!(
+                        (c.old.as_deref(), c.new.as_deref()),
+                        (j["old"].as_str(), j["new"].as_str())
+                    );
+                    assert_eq!(c.in_old_state_ns, j["in_old_state_ns"].as_u64());
+                    assert_eq!(c.owner_comm.as_deref(), j["owner_comm"].as_str());
+                    assert_eq!(c.role.as_deref(), j["role"].as_str());
+                }
+                "lifecycle" => {
+                    assert_eq!(c.conn_id, j["conn_id"].as_u64());
+                    assert_eq!(c.close_kind.as_deref(), j["close_kind"].as_str());
+                    assert_eq!(c.handshake_ns, j["handshake_ns"].as_u64());
+                    assert_eq!(c.lifetime_ns, j["lifetime_ns"].as_u64());
+                    assert_eq!(c.complete, j["complete"].as_bool());
+                    let path: Vec<&str> = j["path"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|s| s["state"].as_str().unwrap())
+                        .collect();
+                    assert_eq!(c.path.as_deref(), Some(path.join(">").as_str()));
+                }
+                "alert" => {
+                    assert_eq!(c.rule.as_deref(), j["rule"].as_str());
+                    assert_eq!(c.status.as_deref(), j["status"].as_str());
+                    assert_eq!(c.message.as_deref(), j["message"].as_str());
+                    assert_eq!(c.count, j["count"].as_u64());
+                }
+                other => panic!("unexpected type {other}"),
+            }
+        }
+    }
+}
