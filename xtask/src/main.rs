@@ -43,7 +43,14 @@ fn main() -> Result<()> {
         Task::Setup => setup::ensure_toolchain(true),
         Task::Run { args } => {
             setup::ensure_toolchain(false)?;
-            cargo(&["build", "--release", "--package", "tcptrace", "--bin", "tcptrace"])?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "tcptrace",
+                "--bin",
+                "tcptrace",
+            ])?;
             let bin = workspace_root().join("target/release/tcptrace");
             let status = Command::new(&bin).args(&args).status()?;
             std::process::exit(status.code().unwrap_or(1));
@@ -64,7 +71,14 @@ fn main() -> Result<()> {
         Task::Lint => {
             setup::ensure_toolchain(false)?;
             cargo(&["fmt", "--all", "--check"])?;
-            cargo(&["clippy", "--release", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&[
+                "clippy",
+                "--release",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
             ebpf_clippy()
         }
         Task::Bench(args) => bench::run(args, &workspace_root()),
@@ -79,7 +93,11 @@ fn workspace_root() -> std::path::PathBuf {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
-    setup::run(Command::new(env!("CARGO")).args(args).current_dir(workspace_root()))
+    setup::run(
+        Command::new(env!("CARGO"))
+            .args(args)
+            .current_dir(workspace_root()),
+    )
 }
 
 /// The eBPF crate is linted for its real target, with the nightly toolchain that builds it.
@@ -87,8 +105,20 @@ fn ebpf_clippy() -> Result<()> {
     setup::run(
         Command::new("rustup")
             .args([
-                "run", "nightly", "cargo", "clippy", "--package", "tcptrace-ebpf", "--release",
-                "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings",
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "--package",
+                "tcptrace-ebpf",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
             ])
             .current_dir(workspace_root()),
     )

@@ -106,11 +106,16 @@ fn ensure_bpf_linker(verbose: bool) -> Result<()> {
             }
             return Ok(());
         }
-        step(verbose, &format!("replacing {v} with bpf-linker {BPF_LINKER_VERSION}"));
+        step(
+            verbose,
+            &format!("replacing {v} with bpf-linker {BPF_LINKER_VERSION}"),
+        );
     } else {
         step(
             verbose,
-            &format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes, once)"),
+            &format!(
+                "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes, once)"
+            ),
         );
     }
     run(Command::new("cargo")
@@ -133,7 +138,9 @@ fn ensure_bpf_linker(verbose: bool) -> Result<()> {
 }
 
 pub fn is_root() -> bool {
-    output("id", &["-u"]).map(|s| s.trim() == "0").unwrap_or(false)
+    output("id", &["-u"])
+        .map(|s| s.trim() == "0")
+        .unwrap_or(false)
 }
 
 fn step(_verbose: bool, what: &str) {

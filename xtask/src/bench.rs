@@ -1,0 +1,317 @@
+//! `cargo xtask bench`: the overhead of tracing, measured side by side. A loopback churn load
+//! runs untraced, traced by tcptrace and traced by bcc's tcpstates, interleaved over several
+//! rounds; each traced rate is compared with the untraced rate of its own round.
+
+mod bcc;
+mod contenders;
+mod count;
+mod extra;
+mod load;
+mod report;
+mod sysctl;
+mod tracer;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+
+use contenders::{Contenders, RunContext};
+use count::Seen;
+use load::{LoadConfig, LoadResult};
+use tracer::Stopped;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Rounds; each runs every tracer once, in an order that rotates from round to round.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Length of each run's load, in seconds.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Leave bcc's tcpstates out (otherwise it is installed when missing and compared).
+    #[arg(long)]
+    skip_bcc: bool,
+    /// Smoke test: 1 round of 3 s.
+    #[arg(long)]
+    quick: bool,
+    /// Client threads connecting flat out. 4 clients + 2 servers gave the most churn on the
+    /// 2-core reference VM (~41k connections/s untraced; 2+2 ~36k, 4+4 ~40k, 1+1 ~35k).
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Server threads accepting, reading to EOF and closing.
+    #[arg(long, default_value_t = 2)]
+    servers: usize,
+    /// Listening ports on 127.0.0.1 the load is spread over (one port caps near 14k
+    /// connections/s in the kernel's ephemeral-port search; beyond 4 no gain was measured).
+    #[arg(long, default_value_t = 8)]
+    ports: usize,
+    /// Nice value for the tracers (e.g. -10 to favour them over the load); the default 0
+    /// makes them compete with the load's threads on equal terms, as a daemon usually does.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    tracer_nice: i32,
+    /// Use target/release/tcptrace as it is instead of building it first.
+    #[arg(long)]
+    no_build: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracer {
+    Untraced,
+    Tcptrace,
+    Bcc,
+}
+
+impl Tracer {
+    pub fn label(self) -> &'static str {
+        match self {
+            Tracer::Untraced => "untraced",
+            Tracer::Tcptrace => "tcptrace",
+            Tracer::Bcc => "bcc tcpstates",
+        }
+    }
+}
+
+/// One run of the load under one tracer.
+pub struct Run {
+    pub round: usize,
+    pub tracer: Tracer,
+    pub load: LoadResult,
+    pub seen: Option<Seen>,
+    pub daemon: Option<Stopped>,
+    pub startup: Option<Duration>,
+    /// Other processes holding BPF programs before or after the load ("pid comm").
+    pub foreign_bpf: Vec<String>,
+}
+
+/// Everything the report needs.
+pub struct Outcome {
+    pub args: BenchArgs,
+    pub command: String,
+    pub ports: Vec<u16>,
+    pub runs: Vec<Run>,
+    /// Tracers that never ran, or stopped running, and why.
+    pub unavailable: Vec<(Tracer, String)>,
+    pub tw_reuse: String,
+    pub figures: Vec<extra::Figure>,
+    pub interrupted: bool,
+    /// Whether the kernel accounted BPF run time (the BPF ns/event column).
+    pub bpf_stats: bool,
+    /// /proc/loadavg when the rounds started: other work on the machine skews every figure.
+    pub loadavg_at_start: String,
+}
+
+static ABORT: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    ABORT.store(true, Ordering::Relaxed);
+}
+
+pub fn run(mut args: BenchArgs, workspace: &Path) -> Result<()> {
+    if cfg!(debug_assertions) {
+        reexec_optimized(workspace);
+    }
+    if args.quick {
+        args.rounds = 1;
+        args.seconds = 3;
+    }
+    if args.rounds == 0
+        || args.seconds == 0
+        || args.clients == 0
+        || args.servers == 0
+        || args.ports == 0
+    {
+        bail!("--rounds, --seconds, --clients, --servers and --ports must all be at least 1");
+    }
+    let command = format!(
+        "cargo xtask {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let target = workspace.join("target");
+    let out_dir = target.join("bench");
+    // Raw tracer output of this run only; the big files go as soon as they are counted.
+    let raw = out_dir.join("raw");
+    if raw.exists() {
+        std::fs::remove_dir_all(&raw).with_context(|| format!("remove {}", raw.display()))?;
+    }
+    std::fs::create_dir_all(&raw).with_context(|| format!("create {}", raw.display()))?;
+
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+
+    let mut contenders = Contenders::prepare(workspace, args.no_build, args.skip_bcc);
+    let ports = load::pick_ports(args.ports)?;
+    let load_cfg = LoadConfig {
+        ports: ports.clone(),
+        clients: args.clients,
+        servers: args.servers,
+        duration: Duration::from_secs(args.seconds),
+    };
+    let tw_guard = sysctl::TwReuse::ensure()?;
+    let tw_reuse = tw_guard.describe();
+    let bpf_stats = sysctl::BpfStats::enable();
+    let bpf_stats_enabled = bpf_stats.enabled();
+
+    // The first seconds of churn on an idle machine run faster (no TIME_WAIT yet), which
+    // would favour whichever tracer goes first; a warm-up run that is not counted fills it.
+    eprintln!("bench: warm-up, untraced");
+    let warm_up = LoadConfig {
+        duration: Duration::from_secs(2),
+        ..load_cfg.clone()
+    };
+    load::run(&warm_up, &ABORT)?;
+
+    let loadavg_at_start = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let ctx = RunContext {
+        load: &load_cfg,
+        raw: &raw,
+        settle: Duration::from_millis(if args.quick { 500 } else { 1000 }),
+        abort: &ABORT,
+        tracer_nice: args.tracer_nice,
+    };
+    let replay_path = out_dir.join("replay.ndjson");
+    let mut replay_log: Option<(PathBuf, u64)> = None;
+    let mut runs = Vec::new();
+    let tracers = contenders.available();
+    'rounds: for round in 1..=args.rounds {
+        // Rotating the order spreads slow drifts (other work, TIME_WAIT) over every tracer.
+        let order = (0..tracers.len()).map(|i| tracers[(i + round - 1) % tracers.len()]);
+        for tracer in order {
+            if ABORT.load(Ordering::Relaxed) {
+                break 'rounds;
+            }
+            if contenders.unavailable.iter().any(|(t, _)| *t == tracer) {
+                continue;
+            }
+            eprintln!("bench: round {round}/{}: {}", args.rounds, tracer.label());
+            let keep = replay_log.is_none().then_some(replay_path.as_path());
+            match contenders::run_one(&ctx, &contenders, tracer, round, keep) {
+                Ok((run, kept)) => {
+                    eprintln!("bench:   {}", report::one_line(&run));
+                    replay_log = replay_log.or(kept);
+                    runs.push(run);
+                }
+                Err(e) if ABORT.load(Ordering::Relaxed) => {
+                    eprintln!("bench: interrupted: {e:#}");
+                    break 'rounds;
+                }
+                Err(e) if tracer == Tracer::Untraced => return Err(e),
+                Err(e) => {
+                    eprintln!(
+                        "bench: {} failed, left out of later rounds: {e:#}",
+                        tracer.label()
+                    );
+                    contenders.unavailable.push((tracer, format!("{e:#}")));
+                }
+            }
+        }
+    }
+    drop(tw_guard);
+    drop(bpf_stats);
+    remove_big_files(&raw);
+    let interrupted = ABORT.load(Ordering::Relaxed);
+
+    let figures = if interrupted {
+        Vec::new()
+    } else {
+        extra_figures(contenders.tcptrace.as_deref(), replay_log.as_ref(), &args)
+    };
+    if let Some((log, _)) = &replay_log {
+        std::fs::remove_file(log).ok();
+    }
+    let outcome = Outcome {
+        args,
+        command,
+        ports,
+        runs,
+        unavailable: contenders.unavailable,
+        tw_reuse,
+        figures,
+        interrupted,
+        loadavg_at_start,
+        bpf_stats: bpf_stats_enabled,
+    };
+    print!("{}", report::table(&outcome));
+    let json_path = out_dir.join("results.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&report::json(&outcome))?,
+    )
+    .with_context(|| format!("write {}", json_path.display()))?;
+    println!("results: {}", json_path.display());
+    if interrupted {
+        // The usual exit status of a command stopped by Ctrl-C; not an error to explain.
+        eprintln!("bench: interrupted; partial results above");
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+/// `cargo xtask` runs a debug build, in which the load generator is slower and counting a
+/// run's NDJSON (gigabytes) takes minutes: build xtask optimized once and become that build.
+/// Falls back to carrying on as is if the build fails.
+fn reexec_optimized(workspace: &Path) {
+    use std::os::unix::process::CommandExt as _;
+    eprintln!("bench: building an optimized xtask for the load generator and the counting");
+    let built = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "xtask",
+            "--bin",
+            "xtask",
+        ])
+        .current_dir(workspace)
+        .status();
+    if !matches!(built, Ok(s) if s.success()) {
+        eprintln!("bench: could not build it; carrying on with this (debug) build");
+        return;
+    }
+    let err = Command::new(workspace.join("target/release/xtask"))
+        .args(std::env::args_os().skip(1))
+        .exec();
+    eprintln!("bench: could not run the optimized xtask ({err}); carrying on with this build");
+}
+
+/// Logs of runs that failed half-way; the small stderr files stay for diagnosis.
+fn remove_big_files(raw: &Path) {
+    let Ok(dir) = std::fs::read_dir(raw) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if path
+            .extension()
+            .is_some_and(|e| e == "ndjson" || e == "out")
+        {
+            std::fs::remove_file(&path).ok();
+        }
+    }
+}
+
+/// The figures measured once, after the rounds. The next one goes here (see `extra`).
+fn extra_figures(
+    tcptrace: Option<&Path>,
+    replay_log: Option<&(PathBuf, u64)>,
+    args: &BenchArgs,
+) -> Vec<extra::Figure> {
+    let runs = if args.quick { 1 } else { 3 };
+    eprintln!("bench: replay throughput");
+    vec![
+        extra::replay_throughput(tcptrace, replay_log.map(|(p, n)| (p.as_path(), *n)), runs),
+        extra::engine_memory_per_connection(),
+    ]
+}

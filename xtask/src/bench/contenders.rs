@@ -1,0 +1,269 @@
+//! The contenders: the load untraced, under tcptrace and under bcc's tcpstates. How each
+//! tracer is prepared (once), then started, stopped and counted for one run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+
+use super::bcc::{self, Bcc};
+use super::count::{self, Seen};
+use super::load::{self, LoadConfig};
+use super::tracer::{self, Readiness, Spec};
+use super::{Run, Tracer};
+
+/// The tracers that could be prepared, and why the others could not.
+pub struct Contenders {
+    pub tcptrace: Option<PathBuf>,
+    pub bcc: Option<Bcc>,
+    pub unavailable: Vec<(Tracer, String)>,
+}
+
+impl Contenders {
+    pub fn prepare(workspace: &Path, no_build: bool, skip_bcc: bool) -> Contenders {
+        let mut unavailable = Vec::new();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let tcptrace = if root {
+            prepare_tcptrace(workspace, no_build)
+                .map_err(|why| unavailable.push((Tracer::Tcptrace, why)))
+                .ok()
+        } else {
+            unavailable.push((
+                Tracer::Tcptrace,
+                "loading eBPF programs needs root".to_owned(),
+            ));
+            None
+        };
+        let bcc = if skip_bcc {
+            unavailable.push((Tracer::Bcc, "skipped (--skip-bcc)".to_owned()));
+            None
+        } else {
+            bcc::prepare(&workspace.join("target"))
+                .map_err(|why| unavailable.push((Tracer::Bcc, why)))
+                .ok()
+        };
+        Contenders {
+            tcptrace,
+            bcc,
+            unavailable,
+        }
+    }
+
+    /// The contenders to run, untraced first.
+    pub fn available(&self) -> Vec<Tracer> {
+        let mut all = vec![Tracer::Untraced];
+        all.extend(self.tcptrace.as_ref().map(|_| Tracer::Tcptrace));
+        all.extend(self.bcc.as_ref().map(|_| Tracer::Bcc));
+        all
+    }
+}
+
+/// What one run needs besides the tracer.
+pub struct RunContext<'a> {
+    pub load: &'a LoadConfig,
+    pub raw: &'a Path,
+    /// Time a tracer gets after the load to drain what it has buffered before it is stopped.
+    pub settle: Duration,
+    pub abort: &'a AtomicBool,
+    /// Nice value the tracers run at (0: the same as the load).
+    pub tracer_nice: i32,
+}
+
+/// Runs the load once under `tracer`. With `keep_log`, tcptrace's NDJSON is moved there
+/// (for the replay figure) and returned with the number of transitions in it.
+pub fn run_one(
+    ctx: &RunContext,
+    contenders: &Contenders,
+    tracer: Tracer,
+    round: usize,
+    keep_log: Option<&Path>,
+) -> Result<(Run, Option<(PathBuf, u64)>)> {
+    let ports = &ctx.load.ports;
+    match tracer {
+        Tracer::Untraced => {
+            let mut foreign_bpf = tracer::other_bpf_holders(None);
+            let load = load::run(ctx.load, ctx.abort)?;
+            merge(&mut foreign_bpf, tracer::other_bpf_holders(None));
+            let run = Run {
+                round,
+                tracer,
+                load,
+                seen: None,
+                daemon: None,
+                startup: None,
+                foreign_bpf,
+            };
+            Ok((run, None))
+        }
+        Tracer::Tcptrace => {
+            let bin = contenders
+                .tcptrace
+                .as_deref()
+                .expect("tcptrace is prepared");
+            let log = ctx.raw.join(format!("tcptrace-round{round}.ndjson"));
+            let mut spec = tcptrace_spec(bin, &log, ctx.raw, round, ctx.load.duration);
+            spec.nice = ctx.tracer_nice;
+            let run = traced(ctx, round, tracer, spec, || {
+                count::tcptrace_ndjson(&log, ports)
+            });
+            let mut kept = None;
+            if let (Ok(run), Some(keep)) = (&run, keep_log) {
+                let seen = run.seen.as_ref().expect("a traced run has counts");
+                if std::fs::rename(&log, keep).is_ok() {
+                    kept = Some((
+                        keep.to_path_buf(),
+                        seen.transitions + seen.other_transitions,
+                    ));
+                }
+            }
+            std::fs::remove_file(&log).ok();
+            Ok((run?, kept))
+        }
+        Tracer::Bcc => {
+            let b = contenders.bcc.as_ref().expect("bcc is prepared");
+            let stdout = ctx.raw.join(format!("bcc-round{round}.out"));
+            let stderr = ctx.raw.join(format!("bcc-round{round}.err"));
+            let mut spec = bcc_spec(b, &stdout, &stderr);
+            spec.nice = ctx.tracer_nice;
+            let run = traced(ctx, round, tracer, spec, || {
+                count::bcc_tcpstates(&stdout, &stderr, ports)
+            });
+            std::fs::remove_file(&stdout).ok();
+            Ok((run?, None))
+        }
+    }
+}
+
+/// One traced run: start the tracer, run the load, let it drain, stop it, count what it saw.
+fn traced(
+    ctx: &RunContext,
+    round: usize,
+    tracer: Tracer,
+    spec: Spec,
+    count: impl FnOnce() -> Result<Seen>,
+) -> Result<Run> {
+    let mut daemon = tracer::start(spec, ctx.abort)?;
+    let mut foreign_bpf = tracer::other_bpf_holders(Some(daemon.pid()));
+    daemon.mark_load_start();
+    let load = load::run(ctx.load, ctx.abort);
+    daemon.mark_load_end();
+    merge(
+        &mut foreign_bpf,
+        tracer::other_bpf_holders(Some(daemon.pid())),
+    );
+    std::thread::sleep(ctx.settle);
+    let startup = daemon.startup;
+    let stopped = daemon.stop(Duration::from_secs(60));
+    let load = load?;
+    if stopped.exited_early {
+        anyhow::bail!(
+            "{} exited during the run ({}): {}",
+            tracer.label(),
+            stopped.exit,
+            stopped.stderr_tail
+        );
+    }
+    let seen = count().with_context(|| format!("counting what {} saw", tracer.label()))?;
+    Ok(Run {
+        round,
+        tracer,
+        load,
+        seen: Some(seen),
+        daemon: Some(stopped),
+        startup: Some(startup),
+        foreign_bpf,
+    })
+}
+
+fn merge(into: &mut Vec<String>, more: Vec<String>) {
+    for m in more {
+        if !into.contains(&m) {
+            into.push(m);
+        }
+    }
+}
+
+fn tcptrace_spec(bin: &Path, log: &Path, raw: &Path, round: usize, load: Duration) -> Spec {
+    let mut command = Command::new(bin);
+    // --duration is a safety net: it ends the tracer even if this process is killed outright.
+    command
+        .args(["--view", "none", "--output"])
+        .arg(log)
+        .args(["--duration", &format!("{}s", load.as_secs() + 120)]);
+    Spec {
+        name: "tcptrace",
+        command,
+        stdout: raw.join(format!("tcptrace-round{round}.out")),
+        stderr: raw.join(format!("tcptrace-round{round}.err")),
+        readiness: Readiness {
+            perf_event_fds: 1,
+            stderr_words: &["tracing TCP state changes", "attached"],
+        },
+        ready_timeout: Duration::from_secs(30),
+        nice: 0,
+    }
+}
+
+fn bcc_spec(b: &bcc::Bcc, stdout: &Path, stderr: &Path) -> Spec {
+    // Started from a script's background job, a process inherits SIGINT ignored and Python
+    // then never turns it into KeyboardInterrupt; env restores the default so SIGINT ends it
+    // (and it flushes its output).
+    let mut command = Command::new("env");
+    command
+        .arg("--default-signal=INT")
+        .arg(&b.tool)
+        .env("BCC_KERNEL_SOURCE", &b.kernel_source);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Spec {
+        name: "bcc tcpstates",
+        command,
+        stdout: stdout.to_path_buf(),
+        stderr: stderr.to_path_buf(),
+        // The tracepoint's perf event, then one per CPU for the perf buffer.
+        readiness: Readiness {
+            perf_event_fds: 1 + cpus,
+            stderr_words: &[],
+        },
+        ready_timeout: Duration::from_secs(120),
+        nice: 0,
+    }
+}
+
+/// Builds the release binary (unless told not to) and checks it has the flags the bench uses.
+fn prepare_tcptrace(workspace: &Path, no_build: bool) -> Result<PathBuf, String> {
+    let bin = workspace.join("target/release/tcptrace");
+    if !no_build {
+        crate::setup::ensure_toolchain(false)
+            .map_err(|e| format!("the eBPF build chain is not set up: {e:#}"))?;
+        eprintln!("bench: cargo build --release -p tcptrace");
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "tcptrace",
+                "--bin",
+                "tcptrace",
+            ])
+            .current_dir(workspace)
+            .status()
+            .map_err(|e| format!("could not run cargo: {e}"))?;
+        if !status.success() {
+            return Err("`cargo build --release -p tcptrace` failed (see above)".to_owned());
+        }
+    }
+    let help = Command::new(&bin)
+        .arg("--help")
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", bin.display()))?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--duration", "--output", "--view"] {
+        if !help.contains(flag) {
+            return Err(format!("{} has no {flag} flag yet", bin.display()));
+        }
+    }
+    Ok(bin)
+}

@@ -1,0 +1,92 @@
+//! The kernel settings the bench depends on, on for its duration and restored after.
+
+use std::os::fd::{FromRawFd as _, OwnedFd, RawFd};
+
+use anyhow::{Context as _, Result};
+
+/// Keeps TIME_WAIT reuse on for loopback while the bench runs (the client side leaves a
+/// TIME_WAIT socket per connection, and ephemeral ports would run out), and restores the
+/// previous value on drop. 2 (the default: loopback only) already does, so it is left alone.
+pub struct TwReuse {
+    previous: String,
+    changed: bool,
+}
+
+const TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+
+impl TwReuse {
+    pub fn ensure() -> Result<TwReuse> {
+        let previous = std::fs::read_to_string(TW_REUSE)
+            .with_context(|| format!("read {TW_REUSE}"))?
+            .trim()
+            .to_owned();
+        let changed = previous == "0";
+        if changed {
+            std::fs::write(TW_REUSE, "1").with_context(|| {
+                format!("set {TW_REUSE} to 1 for the bench (run as root, or set it yourself)")
+            })?;
+        }
+        Ok(TwReuse { previous, changed })
+    }
+
+    pub fn describe(&self) -> String {
+        if self.changed {
+            format!(
+                "net.ipv4.tcp_tw_reuse=1 during the bench (restored to {})",
+                self.previous
+            )
+        } else {
+            format!("net.ipv4.tcp_tw_reuse={} (unchanged)", self.previous)
+        }
+    }
+}
+
+impl Drop for TwReuse {
+    fn drop(&mut self) {
+        if self.changed
+            && let Err(e) = std::fs::write(TW_REUSE, &self.previous)
+        {
+            eprintln!(
+                "bench: could not restore {TW_REUSE} to {}: {e}",
+                self.previous
+            );
+        }
+    }
+}
+
+/// The kernel's per-program run-time statistics (run_time_ns in a program's fdinfo), on while
+/// this is alive. They cost two clock reads per program run, the same for every tracer. Held
+/// through BPF_ENABLE_STATS rather than the sysctl: the kernel turns them off again when the
+/// fd closes, even if the bench is killed.
+pub struct BpfStats(Option<OwnedFd>);
+
+impl BpfStats {
+    pub fn enable() -> BpfStats {
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // union bpf_attr's enable_stats member: just the type; the kernel zero-fills the rest.
+        let attr = BPF_STATS_RUN_TIME;
+        // SAFETY: bpf(2) reads `size` bytes of attr, which is a live u32.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                &attr as *const u32,
+                size_of::<u32>() as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            eprintln!(
+                "bench: could not enable BPF run-time stats ({}); no ns/event figure",
+                std::io::Error::last_os_error()
+            );
+            return BpfStats(None);
+        }
+        // SAFETY: a descriptor the kernel just returned to us and nobody else owns.
+        BpfStats(Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+}
