@@ -200,13 +200,13 @@ fn in_cidr(cidr: &Cidr, family: u16, addr: &[u8; 16]) -> bool {
         len = 16;
     }
     let mut bits = u32::from(ro(&cidr.prefix_len));
-    for i in 0..16 {
+    for (i, (byte, want)) in a.iter().zip(cidr.addr.iter()).enumerate() {
         if i >= len || bits == 0 {
             break;
         }
         let take = if bits >= 8 { 8 } else { bits };
         let mask: u8 = (0xffu16 << (8 - take)) as u8;
-        if (a[i] ^ ro(&cidr.addr[i])) & mask != 0 {
+        if (byte ^ ro(want)) & mask != 0 {
             return false;
         }
         bits -= take;
@@ -263,8 +263,8 @@ fn keep_owner(flags: u32, owner: &Owner) -> bool {
         return false;
     }
     if flags & FILTER_COMM != 0 {
-        for i in 0..16 {
-            if owner.comm[i] != ro(&FILTER.comm[i]) {
+        for (have, want) in owner.comm.iter().zip(FILTER.comm.iter()) {
+            if *have != ro(want) {
                 return false;
             }
         }
@@ -366,13 +366,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     }
     if old == TCP_LISTEN && new == TCP_SYN_RECV {
         // SAFETY: a plain Owner copied out of the map.
-        if let Some(o) = unsafe { LISTENERS.get(sport) } {
-            if o.tgid != 0 {
-                info.owner = Owner {
-                    source: OWNER_SRC_LISTENER,
-                    ..*o
-                };
-            }
+        if let Some(o) = unsafe { LISTENERS.get(sport) }
+            && o.tgid != 0
+        {
+            info.owner = Owner {
+                source: OWNER_SRC_LISTENER,
+                ..*o
+            };
         }
     } else if old == TCP_CLOSE && new == TCP_LISTEN {
         // Two processes listening on one port (SO_REUSEPORT): whose queue a child joins

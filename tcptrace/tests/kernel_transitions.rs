@@ -254,8 +254,8 @@ fn program_info_and_counters_are_read_from_the_kernel() {
 }
 
 /// The owner is recorded where the kernel runs in the owner's own system call (connect,
-/// listen, close) and stamped on every later event, softirq ones included; before that
-/// it is unknown, never a guess.
+/// listen, close), inherited by a listener's children, and stamped on every later event,
+/// softirq ones included; never the task the softirq happened to interrupt.
 #[test]
 fn owner_is_recorded_in_owner_context_and_carried_through_softirq() {
     if !kernel_tests_enabled() {
@@ -311,18 +311,20 @@ fn owner_is_recorded_in_owner_context_and_carried_through_softirq() {
                     }
                 }
                 (Listen, SynRecv) => {
-                    // Unknown until the server's own close() (→LAST_ACK); never the client,
-                    // whose task fires ESTABLISHED→CLOSE_WAIT on loopback.
+                    // Until the server's own close() (→LAST_ACK) names it, the child carries
+                    // its listener's owner, inherited in the kernel: never the client, whose
+                    // task fires ESTABLISHED→CLOSE_WAIT on loopback.
                     let n = evs.len();
                     for (t, o) in evs.iter().zip(&owners).take(n - 2) {
                         assert_eq!(
-                            o,
-                            &None,
-                            "owner of {} -> {} must be unknown:\n{}",
+                            o.as_ref().map(|o| o.0),
+                            Some(listen_tid),
+                            "owner of {} -> {}:\n{}",
                             t.old,
                             t.new,
                             show(evs)
                         );
+                        assert_ne!(o.as_ref().map(|o| o.0), Some(client_tid));
                     }
                     for o in &owners[n - 2..] {
                         assert_eq!(o, &Some((server_tid, "tt-server".into())), "{}", show(evs));
