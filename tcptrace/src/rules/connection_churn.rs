@@ -1,10 +1,10 @@
 //! connection_churn: one process opening and closing many short-lived connections to the
 //! same peer, where one kept-alive connection would do.
 
-use super::window::{Episodes, Snapshot};
-use super::{Alert, AlertStatus, Rule, RuleEvent, RulesConfig, text};
+use super::window::{Snapshot, WindowRule, WindowSpec};
+use super::{Alert, AlertStatus, RuleEvent, RulesConfig, text};
 use crate::engine::Role;
-use crate::event::TcpState;
+use crate::event::{Task, TcpState};
 use std::net::SocketAddr;
 
 const NAME: &str = "connection_churn";
@@ -13,19 +13,37 @@ const EXPLANATION: &str = "a new short-lived connection per request where one ke
      TIME_WAIT build-up and ephemeral-port exhaustion";
 
 pub struct ConnectionChurn {
-    eps: Episodes<(Option<u32>, SocketAddr)>,
     max_lifetime_ns: u64,
 }
 
 impl ConnectionChurn {
-    pub fn new(cfg: &RulesConfig) -> ConnectionChurn {
-        ConnectionChurn {
-            eps: Episodes::new(cfg.churn_window_ns, cfg.churn_min, cfg.max_keys),
+    pub fn new(cfg: &RulesConfig) -> WindowRule<ConnectionChurn> {
+        let spec = ConnectionChurn {
             max_lifetime_ns: cfg.churn_max_lifetime_ns,
+        };
+        WindowRule::new(spec, cfg.churn_window_ns, cfg.churn_min, cfg.max_keys)
+    }
+}
+
+impl WindowSpec for ConnectionChurn {
+    type Key = (Option<u32>, SocketAddr);
+    const NAME: &'static str = NAME;
+    const EXPLANATION: &'static str = EXPLANATION;
+    const DESCRIPTION: &'static str = "One process opening connections to one peer that live less than a lifetime \
+         threshold (default 1s), at least N times (default 100) within a window (default \
+         10s).";
+
+    fn sample(&self, ev: &RuleEvent<'_>) -> Option<(Self::Key, Option<Task>, u64)> {
+        let lc = ev.closed?;
+        let life = lc.lifetime_ns?;
+        let established = lc.path.iter().any(|p| p.state == TcpState::Established);
+        if lc.role != Role::ActiveOpen || !established || life >= self.max_lifetime_ns {
+            return None;
         }
+        Some(((lc.owner.map(|o| o.pid), ev.peer()), lc.owner, life))
     }
 
-    fn alert(&self, key: &(Option<u32>, SocketAddr), s: &Snapshot, now: u64) -> Alert {
+    fn finding(&self, key: &Self::Key, s: &Snapshot, window_ns: u64) -> (String, String) {
         let who = match (key.0, s.owner) {
             (Some(_), Some(o)) => text::owner(Some(&o)),
             (Some(pid), None) => format!("pid {pid}"),
@@ -42,50 +60,18 @@ impl ConnectionChurn {
                 "{who} opened and closed {} to {} in the last {}, each under {}",
                 text::count(s.count, "connection", "connections"),
                 text::peer(&key.1),
-                text::age(self.eps.window_ns()),
+                text::age(window_ns),
                 text::age(self.max_lifetime_ns)
             ),
         };
-        let key_s = format!("{} peer={}", text::owner_key(key.0), text::peer(&key.1));
-        let mut a = s.alert(NAME, key_s, now, message, EXPLANATION);
-        a.threshold_count = Some(self.eps.min_count());
-        a.threshold_ns = Some(self.max_lifetime_ns);
-        a.window_ns = Some(self.eps.window_ns());
-        a
+        (
+            format!("{} peer={}", text::owner_key(key.0), text::peer(&key.1)),
+            message,
+        )
     }
-}
 
-impl Rule for ConnectionChurn {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn describe(&self) -> &'static str {
-        "One process opening connections to one peer that live less than a lifetime \
-         threshold (default 1s), at least N times (default 100) within a window (default \
-         10s)."
-    }
-    fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
-        let Some(lc) = ev.closed else { return };
-        let Some(life) = lc.lifetime_ns else { return };
-        let established = lc.path.iter().any(|p| p.state == TcpState::Established);
-        if lc.role != Role::ActiveOpen || !established || life >= self.max_lifetime_ns {
-            return;
-        }
-        let key = (lc.owner.map(|o| o.pid), ev.peer());
-        if let Some(s) = self.eps.record(&key, ev.ts(), lc.owner, life) {
-            out.push(self.alert(&key, &s, ev.ts()));
-        }
-    }
-    fn tick(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
-        for (key, s) in self.eps.sweep(now_ns) {
-            out.push(self.alert(&key, &s, now_ns));
-        }
-    }
-    fn finish(&mut self) {
-        self.eps.clear();
-    }
-    fn footprint(&self) -> usize {
-        self.eps.len()
+    fn decorate(&self, a: &mut Alert, _s: &Snapshot) {
+        a.threshold_ns = Some(self.max_lifetime_ns);
     }
 }
 

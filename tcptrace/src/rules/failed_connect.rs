@@ -1,9 +1,9 @@
 //! failed_connect: outgoing connects that never got established (SYN_SENT→CLOSE), grouped
 //! per destination.
 
-use super::window::{Episodes, Snapshot};
-use super::{Alert, AlertStatus, Rule, RuleEvent, RulesConfig, text};
-use crate::event::TcpState;
+use super::window::{Snapshot, WindowRule, WindowSpec};
+use super::{AlertStatus, RuleEvent, RulesConfig, text};
+use crate::event::{Task, TcpState};
 use std::net::SocketAddr;
 
 const NAME: &str = "failed_connect";
@@ -11,72 +11,46 @@ const EXPLANATION: &str = "SYN_SENT→CLOSE: the connect was refused (RST: nothi
      unanswered: host down or filtered), or abandoned by the app; the state-change tracepoint \
      alone cannot tell which";
 
-pub struct FailedConnect {
-    eps: Episodes<SocketAddr>,
-}
+pub struct FailedConnect;
 
 impl FailedConnect {
-    pub fn new(cfg: &RulesConfig) -> FailedConnect {
-        FailedConnect {
-            eps: Episodes::new(cfg.connect_window_ns, cfg.failed_connect_min, cfg.max_keys),
-        }
+    pub fn new(cfg: &RulesConfig) -> WindowRule<FailedConnect> {
+        WindowRule::new(
+            FailedConnect,
+            cfg.connect_window_ns,
+            cfg.failed_connect_min,
+            cfg.max_keys,
+        )
+    }
+}
+
+impl WindowSpec for FailedConnect {
+    type Key = SocketAddr;
+    const NAME: &'static str = NAME;
+    const EXPLANATION: &'static str = EXPLANATION;
+    const DESCRIPTION: &'static str = "Connects that failed (SYN_SENT→CLOSE: refused or timed out; the tracepoint cannot tell \
+         which), grouped per destination addr:port with counts.";
+
+    fn sample(&self, ev: &RuleEvent<'_>) -> Option<(SocketAddr, Option<Task>, u64)> {
+        let failed = ev.rec.t.old == TcpState::SynSent && ev.rec.t.new == TcpState::Close;
+        failed.then(|| (ev.remote, ev.rec.owner, 0))
     }
 
-    fn alert(&self, dest: &SocketAddr, s: &Snapshot, now: u64) -> Alert {
+    fn finding(&self, dest: &SocketAddr, s: &Snapshot, window_ns: u64) -> (String, String) {
         let message = match s.status {
-            AlertStatus::Resolved => {
-                format!(
-                    "connects to {} stopped failing ({} failed in all)",
-                    text::peer(dest),
-                    s.total
-                )
-            }
+            AlertStatus::Resolved => format!(
+                "connects to {} stopped failing ({} failed in all)",
+                text::peer(dest),
+                s.total
+            ),
             _ => format!(
                 "{} to {} failed (refused or timed out) in the last {}",
                 text::count(s.count, "connect", "connects"),
                 text::peer(dest),
-                text::age(self.eps.window_ns())
+                text::age(window_ns)
             ),
         };
-        let mut a = s.alert(
-            NAME,
-            format!("peer={}", text::peer(dest)),
-            now,
-            message,
-            EXPLANATION,
-        );
-        a.threshold_count = Some(self.eps.min_count());
-        a.window_ns = Some(self.eps.window_ns());
-        a
-    }
-}
-
-impl Rule for FailedConnect {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn describe(&self) -> &'static str {
-        "Connects that failed (SYN_SENT→CLOSE: refused or timed out; the tracepoint cannot tell \
-         which), grouped per destination addr:port with counts."
-    }
-    fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
-        if ev.rec.t.old != TcpState::SynSent || ev.rec.t.new != TcpState::Close {
-            return;
-        }
-        if let Some(s) = self.eps.record(&ev.remote, ev.ts(), ev.rec.owner, 0) {
-            out.push(self.alert(&ev.remote, &s, ev.ts()));
-        }
-    }
-    fn tick(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
-        for (dest, s) in self.eps.sweep(now_ns) {
-            out.push(self.alert(&dest, &s, now_ns));
-        }
-    }
-    fn finish(&mut self) {
-        self.eps.clear();
-    }
-    fn footprint(&self) -> usize {
-        self.eps.len()
+        (format!("peer={}", text::peer(dest)), message)
     }
 }
 

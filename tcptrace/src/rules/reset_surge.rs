@@ -1,8 +1,8 @@
 //! reset_surge: many connections with one peer ending in a reset within a sliding window.
 
-use super::window::{Episodes, Snapshot};
-use super::{Alert, AlertStatus, Rule, RuleEvent, RulesConfig, text};
-use crate::event::TcpState;
+use super::window::{Snapshot, WindowRule, WindowSpec};
+use super::{AlertStatus, RuleEvent, RulesConfig, text};
+use crate::event::{Task, TcpState};
 use std::net::SocketAddr;
 
 const NAME: &str = "reset_surge";
@@ -10,18 +10,35 @@ const EXPLANATION: &str = "ESTABLISHED/CLOSE_WAIT→CLOSE: connections aborted b
      crashed or restarted, a load balancer or firewall dropped idle connections, or an app \
      closed with unread data or SO_LINGER 0";
 
-pub struct ResetSurge {
-    eps: Episodes<SocketAddr>,
-}
+pub struct ResetSurge;
 
 impl ResetSurge {
-    pub fn new(cfg: &RulesConfig) -> ResetSurge {
-        ResetSurge {
-            eps: Episodes::new(cfg.reset_surge_window_ns, cfg.reset_surge_min, cfg.max_keys),
-        }
+    pub fn new(cfg: &RulesConfig) -> WindowRule<ResetSurge> {
+        WindowRule::new(
+            ResetSurge,
+            cfg.reset_surge_window_ns,
+            cfg.reset_surge_min,
+            cfg.max_keys,
+        )
+    }
+}
+
+impl WindowSpec for ResetSurge {
+    type Key = SocketAddr;
+    const NAME: &'static str = NAME;
+    const EXPLANATION: &'static str = EXPLANATION;
+    const DESCRIPTION: &'static str = "Connections with one peer reset (ESTABLISHED/CLOSE_WAIT→CLOSE) at least \
+         N times (default 50) within a sliding window (default 10s). A \
+         client's peer is its service addr:port; a server's is the client address.";
+
+    fn sample(&self, ev: &RuleEvent<'_>) -> Option<(SocketAddr, Option<Task>, u64)> {
+        let t = &ev.rec.t;
+        let reset = t.new == TcpState::Close
+            && matches!(t.old, TcpState::Established | TcpState::CloseWait);
+        reset.then(|| (ev.peer(), ev.rec.owner, 0))
     }
 
-    fn alert(&self, peer: &SocketAddr, s: &Snapshot, now: u64) -> Alert {
+    fn finding(&self, peer: &SocketAddr, s: &Snapshot, window_ns: u64) -> (String, String) {
         let message = match s.status {
             AlertStatus::Resolved => format!(
                 "resets with {} are back to normal ({} in all, over {})",
@@ -33,52 +50,10 @@ impl ResetSurge {
                 "{} with {} reset in the last {}",
                 text::count(s.count, "connection", "connections"),
                 text::peer(peer),
-                text::age(self.eps.window_ns())
+                text::age(window_ns)
             ),
         };
-        let mut a = s.alert(
-            NAME,
-            format!("peer={}", text::peer(peer)),
-            now,
-            message,
-            EXPLANATION,
-        );
-        a.threshold_count = Some(self.eps.min_count());
-        a.window_ns = Some(self.eps.window_ns());
-        a
-    }
-}
-
-impl Rule for ResetSurge {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn describe(&self) -> &'static str {
-        "Connections with one peer reset (ESTABLISHED/CLOSE_WAIT→CLOSE) at least \
-         N times (default 50) within a sliding window (default 10s). A \
-         client's peer is its service addr:port; a server's is the client address."
-    }
-    fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
-        let t = &ev.rec.t;
-        if t.new != TcpState::Close || !matches!(t.old, TcpState::Established | TcpState::CloseWait)
-        {
-            return;
-        }
-        let peer = ev.peer();
-        if let Some(s) = self.eps.record(&peer, ev.ts(), ev.rec.owner, 0) {
-            out.push(self.alert(&peer, &s, ev.ts()));
-        }
-    }
-    fn tick(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
-        for (peer, s) in self.eps.sweep(now_ns) {
-            out.push(self.alert(&peer, &s, now_ns));
-        }
-    }
-    fn finish(&mut self) {
-        self.eps.clear();
-    }
-    fn footprint(&self) -> usize {
-        self.eps.len()
+        (format!("peer={}", text::peer(peer)), message)
     }
 }
 

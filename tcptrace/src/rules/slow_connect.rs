@@ -1,8 +1,9 @@
 //! slow_connect: outgoing handshakes slower than a threshold, grouped per destination.
 
-use super::window::{Episodes, Snapshot};
-use super::{Alert, AlertStatus, Rule, RuleEvent, RulesConfig, text};
+use super::window::{Snapshot, WindowRule, WindowSpec};
+use super::{Alert, AlertStatus, RuleEvent, RulesConfig, text};
 use crate::engine::Role;
+use crate::event::Task;
 use std::net::SocketAddr;
 
 const NAME: &str = "slow_connect";
@@ -10,19 +11,37 @@ const EXPLANATION: &str = "a handshake this slow usually means a SYN or SYN-ACK 
      (the first retransmission waits 1s), or the destination's accept queue is full";
 
 pub struct SlowConnect {
-    eps: Episodes<SocketAddr>,
     slow_ns: u64,
 }
 
 impl SlowConnect {
-    pub fn new(cfg: &RulesConfig) -> SlowConnect {
-        SlowConnect {
-            eps: Episodes::new(cfg.connect_window_ns, cfg.slow_connect_min, cfg.max_keys),
+    pub fn new(cfg: &RulesConfig) -> WindowRule<SlowConnect> {
+        let spec = SlowConnect {
             slow_ns: cfg.slow_connect_ns,
-        }
+        };
+        WindowRule::new(
+            spec,
+            cfg.connect_window_ns,
+            cfg.slow_connect_min,
+            cfg.max_keys,
+        )
+    }
+}
+
+impl WindowSpec for SlowConnect {
+    type Key = SocketAddr;
+    const NAME: &'static str = NAME;
+    const EXPLANATION: &'static str = EXPLANATION;
+    const DESCRIPTION: &'static str = "Outgoing handshakes (SYN_SENT→ESTABLISHED) slower than a threshold (default 1s), \
+         grouped per destination addr:port with counts and the slowest.";
+
+    fn sample(&self, ev: &RuleEvent<'_>) -> Option<(SocketAddr, Option<Task>, u64)> {
+        let hs = ev.handshake_ns?;
+        (ev.rec.role == Role::ActiveOpen && hs >= self.slow_ns)
+            .then(|| (ev.remote, ev.rec.owner, hs))
     }
 
-    fn alert(&self, dest: &SocketAddr, s: &Snapshot, now: u64) -> Alert {
+    fn finding(&self, dest: &SocketAddr, s: &Snapshot, window_ns: u64) -> (String, String) {
         let message = match s.status {
             AlertStatus::Resolved => format!(
                 "connects to {} are fast again: {} slow, the slowest {}",
@@ -34,52 +53,16 @@ impl SlowConnect {
                 "{} to {} in the last {}, the slowest {}",
                 text::count(s.count, "slow handshake", "slow handshakes"),
                 text::peer(dest),
-                text::age(self.eps.window_ns()),
+                text::age(window_ns),
                 text::age(s.max_value)
             ),
         };
-        let mut a = s.alert(
-            NAME,
-            format!("peer={}", text::peer(dest)),
-            now,
-            message,
-            EXPLANATION,
-        );
+        (format!("peer={}", text::peer(dest)), message)
+    }
+
+    fn decorate(&self, a: &mut Alert, s: &Snapshot) {
         a.max_ns = Some(s.max_value);
         a.threshold_ns = Some(self.slow_ns);
-        a.threshold_count = Some(self.eps.min_count());
-        a.window_ns = Some(self.eps.window_ns());
-        a
-    }
-}
-
-impl Rule for SlowConnect {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn describe(&self) -> &'static str {
-        "Outgoing handshakes (SYN_SENT→ESTABLISHED) slower than a threshold (default 1s), \
-         grouped per destination addr:port with counts and the slowest."
-    }
-    fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
-        let Some(hs) = ev.handshake_ns else { return };
-        if ev.rec.role != Role::ActiveOpen || hs < self.slow_ns {
-            return;
-        }
-        if let Some(s) = self.eps.record(&ev.remote, ev.ts(), ev.rec.owner, hs) {
-            out.push(self.alert(&ev.remote, &s, ev.ts()));
-        }
-    }
-    fn tick(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
-        for (dest, s) in self.eps.sweep(now_ns) {
-            out.push(self.alert(&dest, &s, now_ns));
-        }
-    }
-    fn finish(&mut self) {
-        self.eps.clear();
-    }
-    fn footprint(&self) -> usize {
-        self.eps.len()
     }
 }
 

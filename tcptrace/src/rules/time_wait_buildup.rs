@@ -1,8 +1,8 @@
 //! time_wait_buildup: many connections with one peer entering TIME_WAIT within a window.
 
-use super::window::{Episodes, Snapshot};
-use super::{Alert, AlertStatus, Rule, RuleEvent, RulesConfig, text};
-use crate::event::TcpState;
+use super::window::{Snapshot, WindowRule, WindowSpec};
+use super::{AlertStatus, RuleEvent, RulesConfig, text};
+use crate::event::{Task, TcpState};
 use std::net::SocketAddr;
 
 const NAME: &str = "time_wait_buildup";
@@ -10,45 +10,16 @@ const EXPLANATION: &str = "TIME_WAIT: this side closed first, so the kernel keep
      reserved for 60s; thousands towards one addr:port exhaust ephemeral ports (connect() \
      fails with EADDRNOTAVAIL): reuse connections, or let the peer close first";
 
-pub struct TimeWaitBuildup {
-    eps: Episodes<SocketAddr>,
-}
+pub struct TimeWaitBuildup;
 
 impl TimeWaitBuildup {
-    pub fn new(cfg: &RulesConfig) -> TimeWaitBuildup {
-        TimeWaitBuildup {
-            eps: Episodes::new(cfg.time_wait_window_ns, cfg.time_wait_min, cfg.max_keys),
-        }
-    }
-
-    fn alert(&self, peer: &SocketAddr, s: &Snapshot, now: u64) -> Alert {
-        let message = match s.status {
-            AlertStatus::Resolved => format!(
-                "TIME_WAIT entries towards {} are back to normal ({} in all, over {})",
-                text::peer(peer),
-                s.total,
-                text::age(s.duration_ns.unwrap_or(0))
-            ),
-            _ => format!(
-                "{} towards {} entered TIME_WAIT in the last {}{}",
-                text::count(s.count, "connection", "connections"),
-                text::peer(peer),
-                text::age(self.eps.window_ns()),
-                s.owner
-                    .map(|o| format!(", closed by {}", text::owner(Some(&o))))
-                    .unwrap_or_default()
-            ),
-        };
-        let mut a = s.alert(
-            NAME,
-            format!("peer={}", text::peer(peer)),
-            now,
-            message,
-            EXPLANATION,
-        );
-        a.threshold_count = Some(self.eps.min_count());
-        a.window_ns = Some(self.eps.window_ns());
-        a
+    pub fn new(cfg: &RulesConfig) -> WindowRule<TimeWaitBuildup> {
+        WindowRule::new(
+            TimeWaitBuildup,
+            cfg.time_wait_window_ns,
+            cfg.time_wait_min,
+            cfg.max_keys,
+        )
     }
 }
 
@@ -62,34 +33,37 @@ fn enters_time_wait(ev: &RuleEvent<'_>) -> bool {
     ev.entered(TimeWait) || (t.new == Close && matches!(t.old, FinWait2 | Closing))
 }
 
-impl Rule for TimeWaitBuildup {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn describe(&self) -> &'static str {
-        "Connections with one peer entering TIME_WAIT at least N times \
+impl WindowSpec for TimeWaitBuildup {
+    type Key = SocketAddr;
+    const NAME: &'static str = NAME;
+    const EXPLANATION: &'static str = EXPLANATION;
+    const DESCRIPTION: &'static str = "Connections with one peer entering TIME_WAIT at least N times \
          (default 1000) within a sliding window (default 60s, TIME_WAIT's length), i.e. \
-         about that many TIME_WAIT sockets at once."
+         about that many TIME_WAIT sockets at once.";
+
+    fn sample(&self, ev: &RuleEvent<'_>) -> Option<(SocketAddr, Option<Task>, u64)> {
+        enters_time_wait(ev).then(|| (ev.peer(), ev.rec.owner, 0))
     }
-    fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
-        if !enters_time_wait(ev) {
-            return;
-        }
-        let peer = ev.peer();
-        if let Some(s) = self.eps.record(&peer, ev.ts(), ev.rec.owner, 0) {
-            out.push(self.alert(&peer, &s, ev.ts()));
-        }
-    }
-    fn tick(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
-        for (peer, s) in self.eps.sweep(now_ns) {
-            out.push(self.alert(&peer, &s, now_ns));
-        }
-    }
-    fn finish(&mut self) {
-        self.eps.clear();
-    }
-    fn footprint(&self) -> usize {
-        self.eps.len()
+
+    fn finding(&self, peer: &SocketAddr, s: &Snapshot, window_ns: u64) -> (String, String) {
+        let message = match s.status {
+            AlertStatus::Resolved => format!(
+                "TIME_WAIT entries towards {} are back to normal ({} in all, over {})",
+                text::peer(peer),
+                s.total,
+                text::age(s.duration_ns.unwrap_or(0))
+            ),
+            _ => format!(
+                "{} towards {} entered TIME_WAIT in the last {}{}",
+                text::count(s.count, "connection", "connections"),
+                text::peer(peer),
+                text::age(window_ns),
+                s.owner
+                    .map(|o| format!(", closed by {}", text::owner(Some(&o))))
+                    .unwrap_or_default()
+            ),
+        };
+        (format!("peer={}", text::peer(peer)), message)
     }
 }
 

@@ -3,7 +3,7 @@
 //! resolves once the window count drops below half the threshold (hysteresis, so a rate
 //! hovering at the threshold does not flap). Bounded: a key cap, idle keys forgotten.
 
-use super::{Alert, AlertStatus};
+use super::{Alert, AlertStatus, Rule, RuleEvent};
 use crate::event::Task;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -255,6 +255,74 @@ impl<K: Hash + Eq + Clone> Episodes<K> {
 
     pub fn clear(&mut self) {
         self.map.clear();
+    }
+}
+
+/// What an event-rate rule counts and how it words its findings. [`WindowRule`] does the
+/// rest, the same for every such rule: counting per key, sweeping, the common alert fields.
+pub trait WindowSpec {
+    type Key: Hash + Eq + Clone + Ord;
+    const NAME: &'static str;
+    const EXPLANATION: &'static str;
+    const DESCRIPTION: &'static str;
+    /// What this transition counts for: the key, the owner to vote for, and a value whose
+    /// largest the finding keeps (e.g. a handshake time); None when it does not count.
+    fn sample(&self, ev: &RuleEvent<'_>) -> Option<(Self::Key, Option<Task>, u64)>;
+    /// The finding's grouping key (e.g. `peer=10.0.0.5:5432`) and its human line.
+    fn finding(&self, key: &Self::Key, s: &Snapshot, window_ns: u64) -> (String, String);
+    /// Rule-specific figures on top of the common ones.
+    fn decorate(&self, _alert: &mut Alert, _s: &Snapshot) {}
+}
+
+/// An event-rate rule: a [`WindowSpec`] over [`Episodes`].
+pub struct WindowRule<S: WindowSpec> {
+    spec: S,
+    eps: Episodes<S::Key>,
+}
+
+impl<S: WindowSpec> WindowRule<S> {
+    pub fn new(spec: S, window_ns: u64, min_count: u64, max_keys: usize) -> WindowRule<S> {
+        WindowRule {
+            spec,
+            eps: Episodes::new(window_ns, min_count, max_keys),
+        }
+    }
+
+    fn alert(&self, key: &S::Key, s: &Snapshot, now: u64) -> Alert {
+        let (key, message) = self.spec.finding(key, s, self.eps.window_ns());
+        let mut a = s.alert(S::NAME, key, now, message, S::EXPLANATION);
+        a.threshold_count = Some(self.eps.min_count());
+        a.window_ns = Some(self.eps.window_ns());
+        self.spec.decorate(&mut a, s);
+        a
+    }
+}
+
+impl<S: WindowSpec> Rule for WindowRule<S> {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+    fn describe(&self) -> &'static str {
+        S::DESCRIPTION
+    }
+    fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
+        let Some((key, owner, value)) = self.spec.sample(ev) else {
+            return;
+        };
+        if let Some(s) = self.eps.record(&key, ev.ts(), owner, value) {
+            out.push(self.alert(&key, &s, ev.ts()));
+        }
+    }
+    fn tick(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
+        for (key, s) in self.eps.sweep(now_ns) {
+            out.push(self.alert(&key, &s, now_ns));
+        }
+    }
+    fn finish(&mut self) {
+        self.eps.clear();
+    }
+    fn footprint(&self) -> usize {
+        self.eps.len()
     }
 }
 
