@@ -98,8 +98,8 @@ impl Default for RulesConfig {
 pub fn default_rules(cfg: &RulesConfig) -> Vec<Box<dyn Rule>> {
     vec![
         Box::new(illegal_transition::IllegalTransition::new(cfg)),
-        Box::new(stuck_close_wait::StuckCloseWait::new(cfg)),
-        Box::new(stuck_fin_wait2::StuckFinWait2::new(cfg)),
+        Box::new(stuck_close_wait::rule(cfg)),
+        Box::new(stuck_fin_wait2::rule(cfg)),
         Box::new(slow_connect::SlowConnect::new(cfg)),
         Box::new(failed_connect::FailedConnect::new(cfg)),
         Box::new(syn_backlog::SynBacklog::new(cfg)),

@@ -4,7 +4,7 @@
 //! finding, re-stated when it doubles and resolved, with how long it lasted, when the
 //! last one leaves the state.
 
-use super::{Alert, AlertStatus, PeerShare, RuleEvent, RulesConfig, text};
+use super::{Alert, AlertStatus, PeerShare, Rule, RuleEvent, RulesConfig, text};
 use crate::engine::IdMap;
 use crate::event::{Task, TcpState};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -15,6 +15,8 @@ pub struct StuckSpec {
     pub rule: &'static str,
     pub state: TcpState,
     pub explanation: &'static str,
+    /// What the rule detects, for `Rule::describe`.
+    pub description: &'static str,
 }
 
 /// A socket waiting in the state, not yet past the threshold.
@@ -78,35 +80,6 @@ impl Stuck {
         }
     }
 
-    pub fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
-        let s = self.spec.state;
-        if ev.left(s) {
-            self.leave(ev.rec.t.conn_id, ev.ts(), false, out);
-        } else if ev.entered(s) {
-            let id = ev.rec.t.conn_id;
-            if self.loc.contains_key(&id) {
-                // Entered twice without leaving (lost events): the newer entry counts.
-                self.leave(id, ev.ts(), false, out);
-            }
-            if self.loc.len() >= self.max_sockets {
-                self.untracked += 1;
-                return;
-            }
-            let w = Waiting {
-                owner: ev.rec.owner,
-                peer: ev.peer(),
-            };
-            self.waiting.insert((ev.ts(), id), w);
-            self.loc.insert(id, Loc::Waiting { since: ev.ts() });
-        }
-    }
-
-    pub fn on_forget(&mut self, conn_id: u64, state: TcpState, now: u64, out: &mut Vec<Alert>) {
-        if state == self.spec.state {
-            self.leave(conn_id, now, true, out);
-        }
-    }
-
     fn leave(&mut self, id: u64, now: u64, forgotten: bool, out: &mut Vec<Alert>) {
         match self.loc.remove(&id) {
             None => {}
@@ -131,60 +104,6 @@ impl Stuck {
                     out.push(self.resolved(group, &g, now));
                 }
             }
-        }
-    }
-
-    pub fn tick(&mut self, now: u64, out: &mut Vec<Alert>) {
-        let mut touched: Vec<Option<u32>> = Vec::new();
-        while let Some((&(since, id), _)) = self.waiting.first_key_value() {
-            if now.saturating_sub(since) < self.after_ns {
-                break;
-            }
-            let w = self
-                .waiting
-                .remove(&(since, id))
-                .expect("first entry present");
-            let key = w.owner.map(|o| o.pid);
-            let g = self.groups.entry(key).or_insert_with(|| Group {
-                owner: w.owner,
-                sockets: BTreeSet::new(),
-                peers: HashMap::new(),
-                first_since: since,
-                longest_ns: 0,
-                total: 0,
-                forgotten: 0,
-                reported: 0,
-            });
-            if w.owner.is_some() {
-                g.owner = w.owner;
-            }
-            g.sockets.insert((since, id));
-            *g.peers.entry(w.peer).or_insert(0) += 1;
-            g.first_since = g.first_since.min(since);
-            g.total += 1;
-            self.loc.insert(
-                id,
-                Loc::Stuck {
-                    since,
-                    group: key,
-                    peer: w.peer,
-                },
-            );
-            touched.push(key);
-        }
-        touched.sort_unstable();
-        touched.dedup();
-        for key in touched {
-            let g = self.groups.get_mut(&key).expect("touched group present");
-            let n = g.sockets.len() as u64;
-            let status = match g.reported {
-                0 => AlertStatus::Firing,
-                r if n >= 2 * r => AlertStatus::Update,
-                _ => continue,
-            };
-            g.reported = n;
-            let g = &self.groups[&key];
-            out.push(self.firing(key, g, status, now));
         }
     }
 
@@ -262,14 +181,107 @@ impl Stuck {
         a.threshold_ns = Some(self.after_ns);
         a
     }
+}
 
-    pub fn finish(&mut self) {
+impl Rule for Stuck {
+    fn name(&self) -> &'static str {
+        self.spec.rule
+    }
+
+    fn describe(&self) -> &'static str {
+        self.spec.description
+    }
+
+    fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
+        let s = self.spec.state;
+        if ev.left(s) {
+            self.leave(ev.rec.t.conn_id, ev.ts(), false, out);
+        } else if ev.entered(s) {
+            let id = ev.rec.t.conn_id;
+            if self.loc.contains_key(&id) {
+                // Entered twice without leaving (lost events): the newer entry counts.
+                self.leave(id, ev.ts(), false, out);
+            }
+            if self.loc.len() >= self.max_sockets {
+                self.untracked += 1;
+                return;
+            }
+            let w = Waiting {
+                owner: ev.rec.owner,
+                peer: ev.peer(),
+            };
+            self.waiting.insert((ev.ts(), id), w);
+            self.loc.insert(id, Loc::Waiting { since: ev.ts() });
+        }
+    }
+
+    fn on_forget(&mut self, conn_id: u64, state: TcpState, now: u64, out: &mut Vec<Alert>) {
+        if state == self.spec.state {
+            self.leave(conn_id, now, true, out);
+        }
+    }
+
+    fn tick(&mut self, now: u64, out: &mut Vec<Alert>) {
+        let mut touched: Vec<Option<u32>> = Vec::new();
+        while let Some((&(since, id), _)) = self.waiting.first_key_value() {
+            if now.saturating_sub(since) < self.after_ns {
+                break;
+            }
+            let w = self
+                .waiting
+                .remove(&(since, id))
+                .expect("first entry present");
+            let key = w.owner.map(|o| o.pid);
+            let g = self.groups.entry(key).or_insert_with(|| Group {
+                owner: w.owner,
+                sockets: BTreeSet::new(),
+                peers: HashMap::new(),
+                first_since: since,
+                longest_ns: 0,
+                total: 0,
+                forgotten: 0,
+                reported: 0,
+            });
+            if w.owner.is_some() {
+                g.owner = w.owner;
+            }
+            g.sockets.insert((since, id));
+            *g.peers.entry(w.peer).or_insert(0) += 1;
+            g.first_since = g.first_since.min(since);
+            g.total += 1;
+            self.loc.insert(
+                id,
+                Loc::Stuck {
+                    since,
+                    group: key,
+                    peer: w.peer,
+                },
+            );
+            touched.push(key);
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for key in touched {
+            let g = self.groups.get_mut(&key).expect("touched group present");
+            let n = g.sockets.len() as u64;
+            let status = match g.reported {
+                0 => AlertStatus::Firing,
+                r if n >= 2 * r => AlertStatus::Update,
+                _ => continue,
+            };
+            g.reported = n;
+            let g = &self.groups[&key];
+            out.push(self.firing(key, g, status, now));
+        }
+    }
+
+    fn finish(&mut self) {
         self.waiting.clear();
         self.loc.clear();
         self.groups.clear();
     }
 
-    pub fn footprint(&self) -> usize {
+    fn footprint(&self) -> usize {
         self.loc.len() + self.groups.len()
     }
 }

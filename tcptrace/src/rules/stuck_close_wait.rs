@@ -1,50 +1,24 @@
 //! stuck_close_wait: sockets left in CLOSE_WAIT, the signature of a process that does not
 //! close() sockets its peers have closed (a socket/fd leak).
 
+use super::RulesConfig;
 use super::stuck::{Stuck, StuckSpec};
-use super::{Alert, Rule, RuleEvent, RulesConfig};
 use crate::event::TcpState;
 
 const NAME: &str = "stuck_close_wait";
 const EXPLANATION: &str = "CLOSE_WAIT: the peer closed the connection; this process has not called close() on its socket (a leaked socket)";
 
-pub struct StuckCloseWait(Stuck);
-
-impl StuckCloseWait {
-    pub fn new(cfg: &RulesConfig) -> StuckCloseWait {
-        let spec = StuckSpec {
-            rule: NAME,
-            state: TcpState::CloseWait,
-            explanation: EXPLANATION,
-        };
-        StuckCloseWait(Stuck::new(spec, cfg.close_wait_after_ns, cfg))
-    }
-}
-
-impl Rule for StuckCloseWait {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn describe(&self) -> &'static str {
-        "Sockets in CLOSE_WAIT longer than a threshold (default 30s), grouped per owner \
+/// The rule: the shared [`Stuck`] machinery on CLOSE_WAIT.
+pub fn rule(cfg: &RulesConfig) -> Stuck {
+    let spec = StuckSpec {
+        rule: NAME,
+        state: TcpState::CloseWait,
+        explanation: EXPLANATION,
+        description: "Sockets in CLOSE_WAIT longer than a threshold (default 30s), grouped per owner \
          process: the peer has closed, the process never called close(). Fires while they are \
-         stuck, re-states when the count doubles, resolves when the last one closes."
-    }
-    fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
-        self.0.on_transition(ev, out);
-    }
-    fn tick(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
-        self.0.tick(now_ns, out);
-    }
-    fn on_forget(&mut self, conn_id: u64, state: TcpState, now_ns: u64, out: &mut Vec<Alert>) {
-        self.0.on_forget(conn_id, state, now_ns, out);
-    }
-    fn finish(&mut self) {
-        self.0.finish();
-    }
-    fn footprint(&self) -> usize {
-        self.0.footprint()
-    }
+         stuck, re-states when the count doubles, resolves when the last one closes.",
+    };
+    Stuck::new(spec, cfg.close_wait_after_ns, cfg)
 }
 
 #[cfg(test)]

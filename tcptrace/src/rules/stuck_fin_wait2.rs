@@ -3,8 +3,8 @@
 //! (shutdown() without close()) and its peer has not closed its side — often because the
 //! peer is itself stuck in CLOSE_WAIT.
 
+use super::RulesConfig;
 use super::stuck::{Stuck, StuckSpec};
-use super::{Alert, Rule, RuleEvent, RulesConfig};
 use crate::event::TcpState;
 
 const NAME: &str = "stuck_fin_wait2";
@@ -12,42 +12,16 @@ const EXPLANATION: &str = "FIN_WAIT2: this side closed and the peer acknowledged
      side (it may be leaking the socket in CLOSE_WAIT); past tcp_fin_timeout only a socket \
      still open here (shutdown() without close()) remains";
 
-pub struct StuckFinWait2(Stuck);
-
-impl StuckFinWait2 {
-    pub fn new(cfg: &RulesConfig) -> StuckFinWait2 {
-        let spec = StuckSpec {
-            rule: NAME,
-            state: TcpState::FinWait2,
-            explanation: EXPLANATION,
-        };
-        StuckFinWait2(Stuck::new(spec, cfg.fin_wait2_after_ns, cfg))
-    }
-}
-
-impl Rule for StuckFinWait2 {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn describe(&self) -> &'static str {
-        "Sockets in FIN_WAIT2 longer than tcp_fin_timeout (default 60s), grouped per owner \
-         process, with the peer they mostly wait on."
-    }
-    fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
-        self.0.on_transition(ev, out);
-    }
-    fn tick(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
-        self.0.tick(now_ns, out);
-    }
-    fn on_forget(&mut self, conn_id: u64, state: TcpState, now_ns: u64, out: &mut Vec<Alert>) {
-        self.0.on_forget(conn_id, state, now_ns, out);
-    }
-    fn finish(&mut self) {
-        self.0.finish();
-    }
-    fn footprint(&self) -> usize {
-        self.0.footprint()
-    }
+/// The rule: the shared [`Stuck`] machinery on FIN_WAIT2.
+pub fn rule(cfg: &RulesConfig) -> Stuck {
+    let spec = StuckSpec {
+        rule: NAME,
+        state: TcpState::FinWait2,
+        explanation: EXPLANATION,
+        description: "Sockets in FIN_WAIT2 longer than tcp_fin_timeout (default 60s), grouped per owner \
+         process, with the peer they mostly wait on.",
+    };
+    Stuck::new(spec, cfg.fin_wait2_after_ns, cfg)
 }
 
 #[cfg(test)]
