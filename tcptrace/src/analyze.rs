@@ -8,11 +8,12 @@ use std::rc::Rc;
 
 use anyhow::{Context as _, Result};
 
-use crate::cli::{AnalyzeArgs, View};
-use crate::engine::{Engine, Output};
+use crate::cli::AnalyzeArgs;
+use crate::engine::{EndReason, Engine, Output};
 use crate::event::TcpState;
 use crate::pipeline::{Pipeline, engine_config};
 use crate::sink::ndjson::{Ndjson, parse_transition_bytes};
+use crate::sink::terminal::Terminal;
 use crate::sink::time::{WallClock, human};
 use crate::sink::{RunSummary, Sink};
 
@@ -28,6 +29,8 @@ pub struct Findings {
     pub handshakes_ns: Vec<u64>,
     pub alerts: BTreeMap<String, u64>,
     pub lifecycles: u64,
+    /// Connections still open when the log ended (emitted as `end: finished`).
+    pub still_open: u64,
 }
 
 /// Lines of a byte stream, split in place in a large buffer: no per-line copy or
@@ -85,6 +88,38 @@ impl<R: Read> Lines<R> {
 
 fn memchr_nl(b: &[u8]) -> Option<usize> {
     b.iter().position(|&c| c == b'\n')
+}
+
+/// stdout for a replay: once its reader goes away (`| head`), writes are dropped and the
+/// analysis, its `--output` file included, goes on.
+struct UntilClosed<W: Write> {
+    w: W,
+    closed: bool,
+}
+
+impl<W: Write> Write for UntilClosed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.closed {
+            return Ok(buf.len());
+        }
+        match self.w.write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(buf.len())
+            }
+            r => r,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.w.flush() {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            r => r,
+        }
+    }
 }
 
 /// A malformed line that stopped the analysis.
@@ -178,14 +213,14 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
                 .with_context(|| format!("cannot open the log {}", p.display()))?,
         ),
     };
-    // Lines are printed with the log's own wall clock, learnt from its first transition.
-    let terminal_clock = Rc::new(RefCell::new(WallClock::identity()));
-
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    let printer = Rc::new(RefCell::new(io::BufWriter::with_capacity(
-        1 << 16,
-        io::stdout(),
-    )));
+    // The printer is the live view's own sink; it learns the log's wall clock from the
+    // first transition.
+    let stdout = UntilClosed {
+        w: io::BufWriter::with_capacity(1 << 16, io::stdout()),
+        closed: false,
+    };
+    let printer = Rc::new(RefCell::new(Terminal::for_replay(stdout, args.view)));
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Rc::clone(&printer))];
     if let Some(p) = &args.output {
         sinks.push(Box::new(Ndjson::new(
             crate::output::OutputFile::create(p)?,
@@ -193,60 +228,37 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
         )));
     }
     let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
-    let collected = Rc::new(RefCell::new((
-        Vec::<u64>::new(),
-        BTreeMap::<String, u64>::new(),
-        0u64,
-    )));
+    let collected = Rc::new(RefCell::new(Findings::default()));
     {
-        let collected = collected.clone();
-        let printer = printer.clone();
-        let view = args.view;
-        let tc = terminal_clock.clone();
+        let collected = Rc::clone(&collected);
         pipeline.tap(move |o| {
-            let mut c = collected.borrow_mut();
+            let mut f = collected.borrow_mut();
             match o {
                 Output::Lifecycle(l) => {
-                    c.2 += 1;
+                    f.lifecycles += 1;
+                    if l.end == EndReason::Finished {
+                        f.still_open += 1;
+                    }
                     if let Some(h) = l.handshake_ns {
-                        c.0.push(h);
+                        f.handshakes_ns.push(h);
                     }
                 }
-                Output::Alert(a) => *c.1.entry(a.rule.to_string()).or_default() += 1,
+                Output::Alert(a) => *f.alerts.entry(a.rule.to_string()).or_default() += 1,
                 Output::Transition(_) => {}
-            }
-            if view != View::None {
-                let mut p = printer.borrow_mut();
-                let clock = *tc.borrow();
-                let line = match o {
-                    Output::Transition(r) if matches!(view, View::Transitions | View::All) => {
-                        Some(crate::sink::terminal::format_transition(&clock, r))
-                    }
-                    Output::Lifecycle(l) if matches!(view, View::Lifecycles | View::All) => {
-                        Some(crate::sink::terminal::format_lifecycle(&clock, l))
-                    }
-                    Output::Alert(a) if view != View::Lifecycles => {
-                        Some(crate::sink::terminal::format_alert(&clock, a))
-                    }
-                    _ => None,
-                };
-                if let Some(line) = line {
-                    // A closed stdout (`| head`) must not abort the analysis itself.
-                    let _ = writeln!(p, "{line}");
-                }
             }
         });
     }
     let (mut findings, stopped) = replay(input, &mut pipeline, args.skip_bad, |line| {
         if let Some(off) = wall_offset(line) {
-            *terminal_clock.borrow_mut() = WallClock::new(off);
+            printer.borrow_mut().set_clock(WallClock::new(off));
         }
     })?;
-    let (mut handshakes, alerts, lifecycles) = collected.take();
-    handshakes.sort_unstable();
-    findings.handshakes_ns = handshakes;
-    findings.alerts = alerts;
-    findings.lifecycles = lifecycles;
+    let seen = collected.take();
+    findings.handshakes_ns = seen.handshakes_ns;
+    findings.handshakes_ns.sort_unstable();
+    findings.alerts = seen.alerts;
+    findings.lifecycles = seen.lifecycles;
+    findings.still_open = seen.still_open;
 
     let stats = pipeline.engine().stats();
     let summary = RunSummary {
@@ -257,9 +269,10 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
     pipeline
         .summary(&summary)
         .context("writing the output file")?;
-    let mut w = printer.borrow_mut();
-    print_report(&mut *w, &findings, &summary).context("writing the report")?;
-    w.flush().ok();
+    let mut p = printer.borrow_mut();
+    let w = p.get_mut();
+    print_report(w, &findings, &summary).context("writing the report")?;
+    w.flush().context("writing the report")?;
     if let Some(bad) = stopped {
         anyhow::bail!(
             "malformed log at {bad}; stopped there (the report above covers lines before it; --skip-bad goes on past bad lines)"
@@ -280,7 +293,7 @@ fn print_report(w: &mut impl Write, f: &Findings, s: &RunSummary) -> io::Result<
         f.lifecycles,
         e.lifecycles_complete,
         e.lifecycles_partial,
-        e.tracked
+        f.still_open
     )?;
     let entered: Vec<String> = TcpState::ALL
         .iter()

@@ -87,13 +87,6 @@ pub struct KernelCounters {
     pub recursion_misses: u64,
 }
 
-impl KernelCounters {
-    /// Events that happened but never reached the ring buffer.
-    pub fn lost(&self) -> u64 {
-        self.ringbuf_full + self.read_errors + self.recursion_misses
-    }
-}
-
 /// A loaded and attached tracer. Dropping it detaches the program.
 pub struct Tracer {
     // Field order matters for drop: the ring buffer and maps go before the Ebpf that owns

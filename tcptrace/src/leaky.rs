@@ -37,9 +37,8 @@ pub fn serve(bind: &str) -> std::io::Result<()> {
 
 /// Sets this thread's comm (what the kernel and `ps` show) via prctl(PR_SET_NAME).
 pub fn set_comm(name: &str) {
-    let mut buf = [0u8; 16];
-    let n = name.len().min(15);
-    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // NUL-terminated and truncated to 15 bytes, as the kernel keeps it.
+    let buf = crate::event::Comm::new(name).0;
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }

@@ -10,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cli::{FileFormat, TraceArgs, View};
 use crate::decode::decode;
 use crate::engine::{Engine, Output};
-use crate::kernel::{self, Tracer, TracerConfig};
+use crate::kernel::{self, KernelCounters, Tracer, TracerConfig};
 use crate::pipeline::{Pipeline, engine_config};
 use crate::sink::ndjson::Ndjson;
 use crate::sink::terminal::Terminal;
@@ -154,13 +154,7 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
                 pipeline.tick(kernel::monotonic_ns())?;
                 if let Some(m) = &opts.metrics {
                     let k = tracer.counters();
-                    let loss = Loss {
-                        ringbuf_full: k.ringbuf_full,
-                        recursion_misses: k.recursion_misses,
-                        read_errors: k.read_errors,
-                        decode_errors,
-                    };
-                    m.observe_kernel(&loss, k.submitted);
+                    m.observe_kernel(&loss(&k, decode_errors), k.submitted);
                     let engine = pipeline.engine();
                     m.observe_engine(&engine.stats(), &engine.current_state_counts());
                 }
@@ -184,13 +178,7 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
             .context("writing output")?;
     }
     tracer.flush_logs();
-    let k = tracer.counters();
-    let loss = Loss {
-        ringbuf_full: k.ringbuf_full,
-        recursion_misses: k.recursion_misses,
-        read_errors: k.read_errors,
-        decode_errors,
-    };
+    let loss = loss(&tracer.counters(), decode_errors);
     let summary = RunSummary {
         transitions: pipeline.transitions(),
         lost: loss.total(),
@@ -199,6 +187,16 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
         engine: pipeline.engine().stats(),
     };
     Ok((stop, summary))
+}
+
+/// Every cause of loss: the kernel's counters plus the events userspace could not decode.
+fn loss(k: &KernelCounters, decode_errors: u64) -> Loss {
+    Loss {
+        ringbuf_full: k.ringbuf_full,
+        recursion_misses: k.recursion_misses,
+        read_errors: k.read_errors,
+        decode_errors,
+    }
 }
 
 fn drain(tracer: &mut Tracer, pipeline: &mut Pipeline, decode_errors: &mut u64) -> io::Result<()> {

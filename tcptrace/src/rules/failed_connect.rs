@@ -33,7 +33,7 @@ impl WindowSpec for FailedConnect {
 
     fn sample(&self, ev: &RuleEvent<'_>) -> Option<(SocketAddr, Option<Task>, u64)> {
         let failed = ev.rec.t.old == TcpState::SynSent && ev.rec.t.new == TcpState::Close;
-        failed.then(|| (ev.remote, ev.rec.owner, 0))
+        failed.then_some((ev.remote, ev.rec.owner, 0))
     }
 
     fn finding(&self, dest: &SocketAddr, s: &Snapshot, window_ns: u64) -> (String, String) {

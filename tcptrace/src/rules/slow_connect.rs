@@ -37,8 +37,11 @@ impl WindowSpec for SlowConnect {
 
     fn sample(&self, ev: &RuleEvent<'_>) -> Option<(SocketAddr, Option<Task>, u64)> {
         let hs = ev.handshake_ns?;
-        (ev.rec.role == Role::ActiveOpen && hs >= self.slow_ns)
-            .then(|| (ev.remote, ev.rec.owner, hs))
+        (ev.rec.role == Role::ActiveOpen && hs >= self.slow_ns).then_some((
+            ev.remote,
+            ev.rec.owner,
+            hs,
+        ))
     }
 
     fn finding(&self, dest: &SocketAddr, s: &Snapshot, window_ns: u64) -> (String, String) {

@@ -60,3 +60,19 @@ pub trait Sink {
     /// Pushes buffered output out (called at least every 250 ms while tracing).
     fn flush(&mut self) -> io::Result<()>;
 }
+
+/// A sink shared with its owner (who still reads or reconfigures it, e.g. a replay's
+/// printer learning the log's clock).
+impl<S: Sink> Sink for std::rc::Rc<std::cell::RefCell<S>> {
+    fn record(&mut self, out: &Output) -> io::Result<()> {
+        self.borrow_mut().record(out)
+    }
+
+    fn summary(&mut self, s: &RunSummary) -> io::Result<()> {
+        self.borrow_mut().summary(s)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.borrow_mut().flush()
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 
-use super::time::{WallClock, human};
+use super::time::{HmsCache, WallClock, human};
 use super::{RunSummary, Sink};
 use crate::cli::View;
 use crate::engine::{EndReason, LifecycleRecord, Output, Role, TransitionRecord};
@@ -18,7 +18,10 @@ pub struct Terminal<W: Write> {
     out: W,
     view: View,
     clock: WallClock,
+    hms: HmsCache,
     header_done: bool,
+    /// The live run's one-line summary (transitions, losses); off for replays.
+    summary_line: bool,
 }
 
 impl<W: Write> Terminal<W> {
@@ -27,8 +30,27 @@ impl<W: Write> Terminal<W> {
             out,
             view,
             clock,
+            hms: HmsCache::default(),
             header_done: false,
+            summary_line: true,
         }
+    }
+
+    /// A printer for replays: no live-run summary line (the replay prints its own report).
+    pub fn for_replay(out: W, view: View) -> Terminal<W> {
+        Terminal {
+            summary_line: false,
+            ..Terminal::new(out, view, WallClock::identity())
+        }
+    }
+
+    /// The clock, once known (a replay learns it from the log's first line).
+    pub fn set_clock(&mut self, clock: WallClock) {
+        self.clock = clock;
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
     }
 
     pub fn into_inner(self) -> W {
@@ -71,31 +93,43 @@ fn owner_cols(owner: Option<&Task>) -> (String, String) {
     }
 }
 
-pub fn format_transition(clock: &WallClock, r: &TransitionRecord) -> String {
+/// Writes one transition line (without its newline) straight into `w`: this runs for every
+/// event, so no intermediate strings.
+pub fn write_transition(
+    w: &mut impl Write,
+    clock: &WallClock,
+    hms: &mut HmsCache,
+    r: &TransitionRecord,
+) -> io::Result<()> {
     let t = &r.t;
-    let (pid, comm) = owner_cols(r.owner.as_ref());
-    let ms = match r.in_old_state_ns {
-        Some(ns) => format!("{:.3}", ns as f64 / 1e6),
-        None => "-".into(),
-    };
-    let mut mark = String::new();
+    hms.write(w, clock, t.ts_ns)?;
+    match r.owner.as_ref() {
+        Some(o) if o.pid != 0 => write!(w, " {:<7} {:<16}", o.pid, o.comm)?,
+        _ => write!(w, " {:<7} {:<16}", "-", "(unknown)")?,
+    }
+    write!(
+        w,
+        " {:<ADDR_W$} {:<ADDR_W$} {:<12} -> {:<12} ",
+        t.local, t.remote, t.old, t.new
+    )?;
+    match r.in_old_state_ns {
+        Some(ns) => write!(w, "{:>9.3}", ns as f64 / 1e6)?,
+        None => write!(w, "{:>9}", "-")?,
+    }
     if !r.legal {
-        mark.push_str(" !illegal");
+        w.write_all(b" !illegal")?;
     }
     if r.gap {
-        mark.push_str(" !gap");
+        w.write_all(b" !gap")?;
     }
-    format!(
-        "{:<12} {:<7} {:<16} {:<ADDR_W$} {:<ADDR_W$} {:<12} -> {:<12} {:>9}{mark}",
-        clock.local_hms(t.ts_ns),
-        pid,
-        comm,
-        t.local.to_string(),
-        t.remote.to_string(),
-        t.old,
-        t.new,
-        ms
-    )
+    Ok(())
+}
+
+/// One transition line as a string (demo, tests).
+pub fn format_transition(clock: &WallClock, r: &TransitionRecord) -> String {
+    let mut out = Vec::with_capacity(128);
+    write_transition(&mut out, clock, &mut HmsCache::default(), r).expect("writing to a Vec");
+    String::from_utf8(out).expect("UTF-8 pieces")
 }
 
 pub fn format_alert(clock: &WallClock, a: &Alert) -> String {
@@ -171,7 +205,8 @@ impl<W: Write> Sink for Terminal<W> {
         }
         let line = match (self.view, out) {
             (View::Transitions | View::All, Output::Transition(r)) => {
-                format_transition(&self.clock, r)
+                write_transition(&mut self.out, &self.clock, &mut self.hms, r)?;
+                return self.out.write_all(b"\n");
             }
             (View::Lifecycles | View::All, Output::Lifecycle(l)) => {
                 // Connections still open at exit are not "finished" lifecycles for a human.
@@ -189,7 +224,7 @@ impl<W: Write> Sink for Terminal<W> {
     }
 
     fn summary(&mut self, s: &RunSummary) -> io::Result<()> {
-        if self.view == View::None {
+        if self.view == View::None || !self.summary_line {
             return Ok(());
         }
         writeln!(

@@ -81,6 +81,34 @@ impl Rfc3339Cache {
     }
 }
 
+/// Local `HH:MM:SS.mmm` for a stream of nearby timestamps: `localtime_r` once per second,
+/// not once per line.
+#[derive(Debug, Default)]
+pub struct HmsCache {
+    sec: Option<i128>,
+    hms: String,
+}
+
+impl HmsCache {
+    /// Writes `mono_ns` as local `HH:MM:SS.mmm` (the same text as `WallClock::local_hms`).
+    pub fn write(
+        &mut self,
+        w: &mut impl std::io::Write,
+        clock: &WallClock,
+        mono_ns: u64,
+    ) -> std::io::Result<()> {
+        let ns = clock.unix_ns(mono_ns).max(0);
+        let sec = ns / 1_000_000_000;
+        if self.sec != Some(sec) {
+            let full = clock.local_hms(mono_ns);
+            self.hms.clear();
+            self.hms.push_str(&full[..8]);
+            self.sec = Some(sec);
+        }
+        write!(w, "{}.{:03}", self.hms, (ns / 1_000_000) % 1000)
+    }
+}
+
 /// A duration in the unit that reads best: `0.052ms`, `12.3ms`, `4.2s`, `12m`, `3h05m`.
 pub fn human(ns: u64) -> String {
     let ms = ns as f64 / 1e6;
@@ -129,6 +157,17 @@ mod tests {
             let mut s = String::new();
             cache.push(&c, ns, &mut s);
             assert_eq!(s, c.rfc3339(ns), "at {ns}");
+        }
+    }
+
+    #[test]
+    fn the_cached_local_time_writes_what_the_plain_one_does() {
+        let c = WallClock::new(1_700_000_000_000_000_000);
+        let mut cache = HmsCache::default();
+        for ns in [0, 999_999_999, 1_000_000_000, 61_500_000_000] {
+            let mut out = Vec::new();
+            cache.write(&mut out, &c, ns).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), c.local_hms(ns), "at {ns}");
         }
     }
 
