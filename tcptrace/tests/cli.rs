@@ -4,12 +4,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kernel_tests_enabled, lock};
+use common::kernel_guard;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tcptrace");
 
@@ -38,11 +38,7 @@ fn churn(n: usize) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     for _ in 0..n {
-        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        drop(c);
-        let mut b = [0u8; 1];
-        assert_eq!(s.read(&mut b).unwrap(), 0);
+        common::client_closes_first(&l);
     }
     port
 }
@@ -116,6 +112,16 @@ fn wait(mut child: Child, within: Duration) -> std::process::ExitStatus {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// SIGTERM, as systemd stops it: tcptrace must write out everything and exit 0.
+fn stop(child: Child) {
+    signal(&child, libc::SIGTERM);
+    assert!(
+        wait(child, Duration::from_secs(10)).success(),
+        "{}",
+        stderr_so_far()
+    );
 }
 
 fn ndjson_lines(path: &Path) -> Vec<serde_json::Value> {
@@ -192,10 +198,7 @@ fn bad_flags_and_missing_privileges_are_one_sentence_and_nonzero() {
 
 #[test]
 fn the_daemon_drops_every_capability_once_attached() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     let child = start(&["--view", "none"], Stdio::null());
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let cap = |name: &str| {
@@ -215,12 +218,7 @@ fn the_daemon_drops_every_capability_once_attached() {
     // And it still works without them: counters, ring buffer, a clean exit.
     churn(3);
     std::thread::sleep(Duration::from_millis(300));
-    signal(&child, libc::SIGTERM);
-    assert!(
-        wait(child, Duration::from_secs(10)).success(),
-        "{}",
-        stderr_so_far()
-    );
+    stop(child);
     assert!(!stderr_so_far().contains("rror"), "{}", stderr_so_far());
 }
 
@@ -284,10 +282,7 @@ fn analyze_reports_a_malformed_line_by_number_and_keeps_what_it_computed() {
 
 #[test]
 fn sigterm_flushes_everything_and_analyze_reads_it_back() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     let d = tmpdir("sigterm");
     let out = d.join("trace.ndjson");
     let child = start(
@@ -296,12 +291,7 @@ fn sigterm_flushes_everything_and_analyze_reads_it_back() {
     );
     let port = churn(50);
     std::thread::sleep(Duration::from_millis(300));
-    signal(&child, libc::SIGTERM);
-    assert!(
-        wait(child, Duration::from_secs(10)).success(),
-        "{}",
-        stderr_so_far()
-    );
+    stop(child);
     let lines = ndjson_lines(&out);
     assert_eq!(
         transitions_on(&lines, port),
@@ -332,10 +322,7 @@ fn sigterm_flushes_everything_and_analyze_reads_it_back() {
 
 #[test]
 fn output_rotates_by_size_and_reopens_on_sighup() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     let d = tmpdir("rotate");
     let out = d.join("trace.ndjson");
     let child = start(
@@ -360,12 +347,7 @@ fn output_rotates_by_size_and_reopens_on_sighup() {
     std::thread::sleep(Duration::from_millis(300));
     let port2 = churn(20);
     std::thread::sleep(Duration::from_millis(300));
-    signal(&child, libc::SIGTERM);
-    assert!(
-        wait(child, Duration::from_secs(10)).success(),
-        "{}",
-        stderr_so_far()
-    );
+    stop(child);
 
     let files: Vec<PathBuf> = std::fs::read_dir(&d)
         .unwrap()
@@ -405,10 +387,7 @@ fn output_rotates_by_size_and_reopens_on_sighup() {
 
 #[test]
 fn a_full_disk_is_reported_once_and_tracing_goes_on() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     let mut child = start(&["--output", "/dev/full"], Stdio::piped());
     let stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -449,10 +428,7 @@ fn a_full_disk_is_reported_once_and_tracing_goes_on() {
 
 #[test]
 fn a_closed_pipe_ends_tracing_quietly() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     let mut child = start(&[], Stdio::piped());
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut header = String::new();
@@ -476,10 +452,7 @@ fn a_closed_pipe_ends_tracing_quietly() {
 
 #[test]
 fn csv_output_has_a_header_and_parses_back() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     let d = tmpdir("csv");
     let out = d.join("trace.csv");
     let child = start(
@@ -495,12 +468,7 @@ fn csv_output_has_a_header_and_parses_back() {
     );
     let port = churn(10);
     std::thread::sleep(Duration::from_millis(300));
-    signal(&child, libc::SIGTERM);
-    assert!(
-        wait(child, Duration::from_secs(10)).success(),
-        "{}",
-        stderr_so_far()
-    );
+    stop(child);
     let mut r = csv::Reader::from_path(&out).unwrap();
     let headers = r.headers().unwrap().clone();
     assert_eq!(&headers[0], "type");

@@ -23,20 +23,13 @@ fn tracer_with(f: FilterArgs) -> Tracer {
 
 fn one_connection(bind: &str) -> u16 {
     let l = TcpListener::bind(bind).unwrap();
-    let a = l.local_addr().unwrap();
-    let c = TcpStream::connect(a).unwrap();
-    let (mut s, _) = l.accept().unwrap();
-    drop(c);
-    assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0);
-    a.port()
+    client_closes_first(&l);
+    l.local_addr().unwrap().port()
 }
 
 #[test]
 fn port_and_address_filters_keep_exactly_the_matching_connections() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     runtime().block_on(async {
         // Choose the kept port first, so the filter can name it.
         let kept = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -115,10 +108,7 @@ fn port_and_address_filters_keep_exactly_the_matching_connections() {
 
 #[test]
 fn owner_filter_keeps_a_process_sockets_from_their_first_event() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     runtime().block_on(async {
         let exe = std::path::Path::new(env!("CARGO_BIN_EXE_tcptrace"));
         // By command name: a pid cannot be named before the process exists, and its listen()

@@ -88,10 +88,7 @@ fn ss_close_wait(port: u16) -> usize {
 
 #[test]
 fn leaking_server_is_named_while_stuck_and_the_alert_resolves_when_it_closes() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     const LEAKS: usize = 3;
     let threshold = Duration::from_secs(1);
     runtime().block_on(async {
@@ -237,10 +234,7 @@ fn connections() -> Vec<u16> {
 
 #[test]
 fn analyze_of_a_recorded_log_reproduces_the_live_lifecycles() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     let dir = std::env::temp_dir().join(format!("tcptrace-replay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("live.ndjson");

@@ -174,20 +174,10 @@ const NETSTAT_STATES: [&str; 11] = [
 
 /// N connections to one listener, each closed by the client first (the server reads EOF,
 /// then closes); then the listener closes. Runs on its own thread while the test traces.
-fn client_closes_first(listener: TcpListener, n: u64, halfway: impl FnOnce()) {
-    let addr = listener.local_addr().expect("listener addr");
+fn connections(listener: TcpListener, n: u64, halfway: impl FnOnce()) {
     let mut halfway = Some(halfway);
     for i in 0..n {
-        let client = TcpStream::connect(addr).expect("connect");
-        let (mut server, _) = listener.accept().expect("accept");
-        drop(client);
-        let mut buf = [0u8; 16];
-        assert_eq!(
-            server.read(&mut buf).expect("server read"),
-            0,
-            "server expects EOF"
-        );
-        drop(server);
+        client_closes_first(&listener);
         if i == n / 2 {
             halfway.take().expect("once")();
         }
@@ -306,10 +296,7 @@ fn assert_ours_exact(t: &Tally) {
 
 #[test]
 fn scraped_metrics_match_the_engine_and_the_connections_made() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     runtime().block_on(async {
         let metrics = Arc::new(Metrics::new());
         let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -331,7 +318,7 @@ fn scraped_metrics_match_the_engine_and_the_connections_made() {
 
         // Halfway through the traffic, a scrape while the loop below is draining.
         let traffic = std::thread::spawn(move || {
-            client_closes_first(listener, N, || {
+            connections(listener, N, || {
                 let sc = parse(&scrape_text(addr));
                 assert!(!sc.samples.is_empty(), "a scrape while tracing");
             })
@@ -466,10 +453,7 @@ fn scraped_metrics_match_the_engine_and_the_connections_made() {
 /// endpoint serves from the same runtime while the loop traces.
 #[test]
 fn the_live_loop_feeds_the_endpoint_while_tracing() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     runtime().block_on(async {
         let metrics = Arc::new(Metrics::new());
         let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -488,7 +472,7 @@ fn the_live_loop_feeds_the_endpoint_while_tracing() {
         let on_ready = Box::new(move || {
             let t = std::thread::spawn(move || {
                 let listener = TcpListener::bind("127.0.0.1:0").expect("bind listener");
-                client_closes_first(listener, N, || {});
+                connections(listener, N, || {});
                 let deadline = Instant::now() + Duration::from_secs(4);
                 loop {
                     let text = scrape_text(addr);

@@ -16,22 +16,10 @@ const SERVER: [TcpState; 6] = [Listen, SynRecv, Established, CloseWait, LastAck,
 const LISTENER: [TcpState; 3] = [Close, Listen, Close];
 
 /// One connection where the client closes first; returns (listen port, client port).
-fn client_closes_first(bind: &str) -> (u16, u16) {
+fn one_connection(bind: &str) -> (u16, u16) {
     let listener = TcpListener::bind(bind).expect("bind listener");
-    let addr = listener.local_addr().expect("listener addr");
-    let client = TcpStream::connect(addr).expect("connect");
-    let (mut server, _) = listener.accept().expect("accept");
-    let cport = client.local_addr().expect("client addr").port();
-    drop(client);
-    let mut buf = [0u8; 16];
-    assert_eq!(
-        server.read(&mut buf).expect("server read"),
-        0,
-        "server expects EOF"
-    );
-    drop(server);
-    drop(listener);
-    (addr.port(), cport)
+    let cport = client_closes_first(&listener);
+    (listener.local_addr().expect("listener addr").port(), cport)
 }
 
 fn ours(port: u16) -> impl Fn(&Transition) -> bool {
@@ -92,13 +80,10 @@ fn check_three_sockets(events: &[Transition], port: u16, cport: u16, family_v6: 
 }
 
 fn run_one(bind: &str, v6: bool) {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     runtime().block_on(async {
         let mut tracer = start_tracer();
-        let (port, cport) = client_closes_first(bind);
+        let (port, cport) = one_connection(bind);
         let events = collect(
             &mut tracer,
             ours(port),
@@ -132,10 +117,7 @@ fn ipv6_client_closes_first_exact_transitions() {
 
 #[test]
 fn refused_connect_is_syn_sent_then_close() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     runtime().block_on(async {
         // A port that nobody listens on: bind one, note it, close it.
         let port = TcpListener::bind("127.0.0.1:0")
@@ -164,10 +146,7 @@ fn refused_connect_is_syn_sent_then_close() {
 
 #[test]
 fn thousand_back_to_back_connections_are_complete_and_never_merged() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     const N: usize = 1000;
     runtime().block_on(async {
         let mut tracer = start_tracer();
@@ -226,17 +205,14 @@ fn thousand_back_to_back_connections_are_complete_and_never_merged() {
 
 #[test]
 fn program_info_and_counters_are_read_from_the_kernel() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     runtime().block_on(async {
         let mut tracer = start_tracer();
         let info = tracer.program_info().expect("bpf_prog_info");
         // The kernel truncates program names to 15 bytes.
         assert_eq!(info.name, "inet_sock_set_s");
         assert!(info.id > 0);
-        let (port, _) = client_closes_first("127.0.0.1:0");
+        let (port, _) = one_connection("127.0.0.1:0");
         let events = collect(
             &mut tracer,
             ours(port),
@@ -258,10 +234,7 @@ fn program_info_and_counters_are_read_from_the_kernel() {
 /// softirq ones included; never the task the softirq happened to interrupt.
 #[test]
 fn owner_is_recorded_in_owner_context_and_carried_through_softirq() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let _g = lock();
+    let Some(_g) = kernel_guard() else { return };
     runtime().block_on(async {
         let mut tracer = start_tracer();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();

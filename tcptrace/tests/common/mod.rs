@@ -34,6 +34,12 @@ pub fn lock() -> MutexGuard<'static, ()> {
     KERNEL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The start of every kernel test: `None` (after saying why) where kernel tests cannot run
+/// outside CI; else the lock that keeps kernel tests from running at the same time.
+pub fn kernel_guard() -> Option<MutexGuard<'static, ()>> {
+    kernel_tests_enabled().then(lock)
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -46,6 +52,24 @@ pub fn start_tracer() -> Tracer {
         Ok(t) => t,
         Err(e) => panic!("loading the real eBPF program failed: {e}"),
     }
+}
+
+/// One connection to `listener` in which the client closes first: the server reads EOF,
+/// then closes too (10 transitions). Returns the client's port.
+pub fn client_closes_first(listener: &std::net::TcpListener) -> u16 {
+    use std::io::Read;
+    let addr = listener.local_addr().expect("listener addr");
+    let client = std::net::TcpStream::connect(addr).expect("connect");
+    let (mut server, _) = listener.accept().expect("accept");
+    let cport = client.local_addr().expect("client addr").port();
+    drop(client);
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        server.read(&mut buf).expect("server read"),
+        0,
+        "server expects EOF"
+    );
+    cport
 }
 
 /// Drains until `done(events)` holds or `timeout` passes; returns the matching events.
