@@ -321,7 +321,7 @@ impl Metrics {
         })
     }
 
-    /// Feeds one engine output (what the `Sink` impls call).
+    /// Feeds one engine output (what the `Sink` impl calls).
     pub fn observe(&self, out: &Output) {
         match out {
             Output::Transition(rec) => self.observe_transition(rec),
@@ -405,22 +405,6 @@ impl Metrics {
             .expect("encoding metrics into a String");
         self.last_len.store(s.len(), Ordering::Relaxed);
         s
-    }
-}
-
-impl Sink for Metrics {
-    fn record(&mut self, out: &Output) -> io::Result<()> {
-        Metrics::observe(self, out);
-        Ok(())
-    }
-
-    fn summary(&mut self, s: &RunSummary) -> io::Result<()> {
-        self.observe_summary(s);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

@@ -236,24 +236,8 @@ fn bcc_spec(b: &bcc::Bcc, stdout: &Path, stderr: &Path) -> Spec {
 fn prepare_tcptrace(workspace: &Path, no_build: bool) -> Result<PathBuf, String> {
     let bin = workspace.join("target/release/tcptrace");
     if !no_build {
-        crate::setup::ensure_toolchain(false)
-            .map_err(|e| format!("the eBPF build chain is not set up: {e:#}"))?;
         eprintln!("bench: cargo build --release -p tcptrace");
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "--package",
-                "tcptrace",
-                "--bin",
-                "tcptrace",
-            ])
-            .current_dir(workspace)
-            .status()
-            .map_err(|e| format!("could not run cargo: {e}"))?;
-        if !status.success() {
-            return Err("`cargo build --release -p tcptrace` failed (see above)".to_owned());
-        }
+        crate::build_tracer().map_err(|e| format!("building tcptrace failed: {e:#}"))?;
     }
     let help = Command::new(&bin)
         .arg("--help")
