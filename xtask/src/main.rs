@@ -25,7 +25,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then run every test, kernel tests included (needs root).
+    /// Set up, lint (as `lint`), then run every test, kernel tests included (needs root).
+    /// This is what CI runs.
     Test {
         /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -42,16 +43,7 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup => setup::ensure_toolchain(true),
         Task::Run { args } => {
-            setup::ensure_toolchain(false)?;
-            cargo(&[
-                "build",
-                "--release",
-                "--package",
-                "tcptrace",
-                "--bin",
-                "tcptrace",
-            ])?;
-            let bin = workspace_root().join("target/release/tcptrace");
+            let bin = build_tracer()?;
             let status = Command::new(&bin).args(&args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
@@ -60,6 +52,7 @@ fn main() -> Result<()> {
             if !setup::is_root() {
                 bail!("the kernel tests load eBPF programs: run `cargo xtask test` as root");
             }
+            lint()?;
             // Default members: the eBPF crate only builds for the bpf target (build.rs does that).
             let mut test = vec!["test", "--release"];
             if !args.is_empty() {
@@ -70,16 +63,7 @@ fn main() -> Result<()> {
         }
         Task::Lint => {
             setup::ensure_toolchain(false)?;
-            cargo(&["fmt", "--all", "--check"])?;
-            cargo(&[
-                "clippy",
-                "--release",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ])?;
-            ebpf_clippy()
+            lint()
         }
         Task::Bench(args) => bench::run(args, &workspace_root()),
     }
@@ -90,6 +74,35 @@ fn workspace_root() -> std::path::PathBuf {
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_path_buf()
+}
+
+/// rustfmt --check, clippy -D warnings on the userspace crates, and the eBPF crate's own
+/// clippy pass for its target.
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    ebpf_clippy()
+}
+
+/// Sets up the toolchain and builds the release `tcptrace` binary; returns its path.
+pub(crate) fn build_tracer() -> Result<std::path::PathBuf> {
+    setup::ensure_toolchain(false)?;
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "tcptrace",
+        "--bin",
+        "tcptrace",
+    ])?;
+    Ok(workspace_root().join("target/release/tcptrace"))
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
