@@ -290,42 +290,40 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: a plain read of our own read-only global; volatile so the compiler cannot
-    // fold the zero initialiser the daemon overrides.
-    let layout: TracepointLayout = unsafe { core::ptr::read_volatile(&LAYOUT) };
-    if layout.valid == 0 {
+    let layout = &LAYOUT;
+    if ro(&layout.valid) == 0 {
         return Ok(());
     }
-    let protocol: u16 = if layout.protocol_size == 1 {
-        u16::from(read::<u8>(ctx, layout.protocol)?)
+    let protocol: u16 = if ro(&layout.protocol_size) == 1 {
+        u16::from(read::<u8>(ctx, ro(&layout.protocol))?)
     } else {
-        read::<u16>(ctx, layout.protocol)?
+        read::<u16>(ctx, ro(&layout.protocol))?
     };
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
 
-    let skaddr: u64 = read(ctx, layout.skaddr)?;
-    let old = read::<i32>(ctx, layout.oldstate)? as u8;
-    let new = read::<i32>(ctx, layout.newstate)? as u8;
-    let family: u16 = read(ctx, layout.family)?;
+    let skaddr: u64 = read(ctx, ro(&layout.skaddr))?;
+    let old = read::<i32>(ctx, ro(&layout.oldstate))? as u8;
+    let new = read::<i32>(ctx, ro(&layout.newstate))? as u8;
+    let family: u16 = read(ctx, ro(&layout.family))?;
     let (saddr, daddr) = if family == AF_INET6 {
         (
-            read::<[u8; 16]>(ctx, layout.saddr_v6)?,
-            read::<[u8; 16]>(ctx, layout.daddr_v6)?,
+            read::<[u8; 16]>(ctx, ro(&layout.saddr_v6))?,
+            read::<[u8; 16]>(ctx, ro(&layout.daddr_v6))?,
         )
     } else {
         // The v6 fields of an AF_INET socket are not what we want; copy only the v4 ones.
-        let s: [u8; 4] = read(ctx, layout.saddr)?;
-        let d: [u8; 4] = read(ctx, layout.daddr)?;
+        let s: [u8; 4] = read(ctx, ro(&layout.saddr))?;
+        let d: [u8; 4] = read(ctx, ro(&layout.daddr))?;
         let mut sa = [0u8; 16];
         let mut da = [0u8; 16];
         sa[..4].copy_from_slice(&s);
         da[..4].copy_from_slice(&d);
         (sa, da)
     };
-    let sport: u16 = read(ctx, layout.sport)?;
-    let dport: u16 = read(ctx, layout.dport)?;
+    let sport: u16 = read(ctx, ro(&layout.sport))?;
+    let dport: u16 = read(ctx, ro(&layout.dport))?;
     let filter_flags = ro(&FILTER.flags);
     if filter_flags != 0 && !keep_tuple(filter_flags, family, sport, dport, &saddr, &daddr) {
         bump(COUNTER_FILTERED);
