@@ -39,6 +39,9 @@ pub struct StateEvent {
     /// close); valid when `EVENT_F_OWNER_KNOWN` is set. Unlike `pid_tgid`/`comm`, which
     /// name whatever task ran when the event fired (often a softirq's random victim).
     pub owner: Owner,
+    /// Inode number of the socket's network namespace; 0 when it could not be read.
+    pub netns: u32,
+    pub _pad: u32,
 }
 
 /// The process that owns a socket, as seen from inside that process's own system call.
@@ -62,6 +65,8 @@ pub const OWNER_SRC_CLOSE: u32 = 3;
 /// Inherited from the listener when the kernel created the child: the socket sits in that
 /// listener's accept queue until some process's close() names its real owner.
 pub const OWNER_SRC_LISTENER: u32 = 4;
+/// Recorded when the owner's accept() returned the socket.
+pub const OWNER_SRC_ACCEPT: u32 = 5;
 
 /// What the kernel keeps per live socket (key: skaddr): identity, owner and last tuple.
 #[repr(C)]
@@ -76,7 +81,11 @@ pub struct SockInfo {
     pub family: u16,
     /// 1 for a listener's child whose owner is not known yet (no accept seen).
     pub unaccepted: u8,
-    pub _pad: [u8; 9],
+    /// The TCP state the socket is in (after its last event).
+    pub state: u8,
+    /// Inode number of the socket's network namespace; 0 unknown.
+    pub netns: u32,
+    pub _pad: [u8; 4],
 }
 
 /// Size of [`StateEvent`] on the wire; the decoder checks it.
@@ -94,6 +103,11 @@ pub const EVENT_F_UNTRACKED: u32 = 1 << 2;
 pub const EVENT_F_OWNER_KNOWN: u32 = 1 << 3;
 /// A listener's child that no process has accepted yet (it sits in the accept queue).
 pub const EVENT_F_UNACCEPTED: u32 = 1 << 4;
+/// Not a state change (`oldstate == newstate`): the owner's accept() returned the socket.
+pub const EVENT_F_ACCEPT: u32 = 1 << 5;
+/// The event is about the socket's timewait mini-socket (TIME_WAIT, or FIN_WAIT2 after
+/// the application closed), which the kernel's state tracepoint never reports.
+pub const EVENT_F_TIMEWAIT: u32 = 1 << 6;
 
 /// Byte offsets of the `sock:inet_sock_set_state` fields in the raw tracepoint record,
 /// read by the daemon from tracefs and written into the program's read-only globals before
@@ -119,6 +133,52 @@ pub struct TracepointLayout {
     pub _pad: u16,
 }
 
+/// Byte offsets of kernel struct fields, read by the daemon from the kernel's BTF
+/// (`/sys/kernel/btf/vmlinux`) and the address of `tw_timer_handler` from /proc/kallsyms,
+/// written into a read-only global before load. Each `KOFF_*` bit in `valid` enables the
+/// hook that needs those offsets; without it that hook does nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `KOFF_*` bits.
+    pub valid: u32,
+    /// task_struct.files
+    pub task_files: u32,
+    /// files_struct.fdt
+    pub files_fdt: u32,
+    /// fdtable.fd
+    pub fdt_fd: u32,
+    /// file.private_data
+    pub file_private_data: u32,
+    /// socket.sk
+    pub socket_sk: u32,
+    /// sock_common.skc_net (possible_net_t: its first word is the `struct net *`)
+    pub skc_net: u32,
+    /// net.ns.inum
+    pub net_inum: u32,
+    /// sock_common.skc_num (local port, host order)
+    pub skc_num: u32,
+    /// inet_timewait_sock.tw_timer
+    pub tw_timer: u32,
+    /// inet_timewait_sock.tw_substate
+    pub tw_substate: u32,
+    /// timer_list.function
+    pub timer_function: u32,
+    /// timer_list.expires (jiffies)
+    pub timer_expires: u32,
+    /// Nanoseconds per jiffy (1e9 / CONFIG_HZ); 0 when unknown.
+    pub jiffy_ns: u32,
+    /// Kernel address of `tw_timer_handler`, the timer function of every timewait socket.
+    pub tw_handler: u64,
+}
+
+/// accept() hooks: task → fd table → file → socket → sock.
+pub const KOFF_ACCEPT: u32 = 1 << 0;
+/// The socket's network namespace.
+pub const KOFF_NETNS: u32 = 1 << 1;
+/// Timewait sockets through the timer tracepoints.
+pub const KOFF_TIMEWAIT: u32 = 1 << 2;
+
 /// An address prefix for the in-kernel filters. `family` is AF_INET or AF_INET6; a v4 prefix
 /// also matches IPv4-mapped IPv6 addresses.
 #[repr(C)]
@@ -137,6 +197,7 @@ pub const FILTER_LADDR: u32 = 1 << 2;
 pub const FILTER_RADDR: u32 = 1 << 3;
 pub const FILTER_PID: u32 = 1 << 4;
 pub const FILTER_COMM: u32 = 1 << 5;
+pub const FILTER_NETNS: u32 = 1 << 6;
 
 /// In-kernel filters, written by the daemon into a read-only global before load, so that
 /// filtered-out transitions never reach the ring buffer. All set filters must match.
@@ -157,6 +218,9 @@ pub struct Filter {
     pub raddr: Cidr,
     /// Owner's comm, NUL-padded, with `FILTER_COMM`.
     pub comm: [u8; 16],
+    /// The socket's network namespace inode, with `FILTER_NETNS`.
+    pub netns: u32,
+    pub _pad2: u32,
 }
 
 /// Per-CPU counters kept by the program, indices into its `COUNTERS` array.
@@ -187,11 +251,13 @@ mod user {
     unsafe impl aya::Pod for super::TracepointLayout {}
     unsafe impl aya::Pod for super::SockInfo {}
     unsafe impl aya::Pod for super::Filter {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
 }
 
-const _: () = assert!(core::mem::size_of::<StateEvent>() == 136);
+const _: () = assert!(core::mem::size_of::<StateEvent>() == 144);
 const _: () = assert!(core::mem::size_of::<Owner>() == 40);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 96);
 const _: () = assert!(core::mem::size_of::<TracepointLayout>() == 28);
 const _: () = assert!(core::mem::size_of::<Cidr>() == 24);
-const _: () = assert!(core::mem::size_of::<Filter>() == 96);
+const _: () = assert!(core::mem::size_of::<Filter>() == 104);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64);

@@ -9,7 +9,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_jiffies64,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -18,21 +19,28 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use tcptrace_common::{
     AF_INET, AF_INET6, COUNTER_COUNT, COUNTER_FILTERED, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL,
-    COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED, Cidr, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN,
-    EVENT_F_OWNER_KNOWN, EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED, FILTER_COMM, FILTER_FAMILY,
-    FILTER_LADDR, FILTER_PID, FILTER_PORTS, FILTER_RADDR, Filter, IPPROTO_TCP, MAX_FILTER_PORTS,
-    OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_LISTENER, OWNER_SRC_NONE,
-    Owner, SOCK_MAP_ENTRIES, SockInfo, StateEvent, TracepointLayout,
+    COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED, Cidr, EVENT_F_ACCEPT, EVENT_F_MIDLIFE,
+    EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN, EVENT_F_TIMEWAIT, EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED,
+    FILTER_COMM, FILTER_FAMILY, FILTER_LADDR, FILTER_NETNS, FILTER_PID, FILTER_PORTS, FILTER_RADDR,
+    Filter, IPPROTO_TCP, KOFF_ACCEPT, KOFF_NETNS, KOFF_TIMEWAIT, KernelOffsets, MAX_FILTER_PORTS,
+    OWNER_SRC_ACCEPT, OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_LISTENER,
+    OWNER_SRC_NONE, Owner, SOCK_MAP_ENTRIES, SockInfo, StateEvent, TracepointLayout,
 };
 
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_SYN_SENT: u8 = 2;
 const TCP_SYN_RECV: u8 = 3;
 const TCP_FIN_WAIT1: u8 = 4;
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_TIME_WAIT: u8 = 6;
 const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LAST_ACK: u8 = 9;
 const TCP_LISTEN: u8 = 10;
+const TCP_CLOSING: u8 = 11;
+
+/// TCP_TIMEWAIT_LEN: a timewait socket's timer is rearmed to this when it enters TIME_WAIT.
+const TIMEWAIT_LEN_SECS: u64 = 60;
 
 /// Written by the daemon before load (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
@@ -75,6 +83,28 @@ static FILTER: Filter = Filter {
         _pad: [0; 5],
     },
     comm: [0; 16],
+    netns: 0,
+    _pad2: 0,
+};
+
+/// Kernel struct offsets and `tw_timer_handler`'s address, written by the daemon before load.
+#[unsafe(no_mangle)]
+static KOFFS: KernelOffsets = KernelOffsets {
+    valid: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    skc_net: 0,
+    net_inum: 0,
+    skc_num: 0,
+    tw_timer: 0,
+    tw_substate: 0,
+    timer_function: 0,
+    timer_expires: 0,
+    jiffy_ns: 0,
+    tw_handler: 0,
 };
 
 /// Bytes of unread data above which a submit wakes the reader. Below it the reader is not
@@ -105,6 +135,44 @@ static SOCKS: LruHashMap<u64, SockInfo> =
 /// (LISTEN→SYN_RECV, in softirq) starts life with the owner of its accept queue.
 #[map]
 static LISTENERS: LruHashMap<u16, Owner> = LruHashMap::with_max_entries(4096, 0);
+
+/// Timewait socket (its address) → the connection it continues: identity, owner, tuple and
+/// its current substate (TIME_WAIT, or FIN_WAIT2 when the application closed first).
+#[map]
+static TWS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(SOCK_MAP_ENTRIES, 0);
+
+/// A timewait socket just armed on this CPU, waiting for the full socket's X→CLOSE that
+/// follows in the same call (tcp_time_wait: arm the timer, then tcp_done).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PendingTw {
+    tw: u64,
+    sport: u16,
+    substate: u8,
+    _pad: [u8; 5],
+}
+
+#[map]
+static PENDING_TW: PerCpuArray<PendingTw> = PerCpuArray::with_max_entries(1, 0);
+
+/// A timewait socket's timer just cancelled on this CPU: either a rearm (timer_start of the
+/// same timer follows at once), an expiry (timer_expire_entry follows), or the socket's
+/// end (killed for reuse or by a reset), which is concluded by whatever runs next here.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PendingCancel {
+    tw: u64,
+    ts_ns: u64,
+    /// jiffies when cancelled, and the timewait socket's substate and timer expiry read
+    /// then (once killed, the socket is freed).
+    jiffies: u64,
+    expires: u64,
+    substate: u8,
+    _pad: [u8; 7],
+}
+
+#[map]
+static PENDING_CANCEL: PerCpuArray<PendingCancel> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn bump(index: u32) {
@@ -302,6 +370,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
+    conclude_cancel(0);
 
     let skaddr: u64 = read(ctx, ro(&layout.skaddr))?;
     let old = read::<i32>(ctx, ro(&layout.oldstate))? as u8;
@@ -353,10 +422,15 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             SockInfo {
                 conn_id: next_conn_id(cpu),
                 unaccepted: u8::from(old == TCP_LISTEN && new == TCP_SYN_RECV),
+                netns: netns_of(skaddr),
                 ..SockInfo::default()
             }
         }
     };
+    if filter_flags & FILTER_NETNS != 0 && info.netns != ro(&FILTER.netns) {
+        bump(COUNTER_FILTERED);
+        return Ok(());
+    }
     if source != OWNER_SRC_NONE
         && let Some(owner) = current_owner(source)
     {
@@ -387,10 +461,27 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     info.sport = sport;
     info.dport = dport;
     info.family = family;
+    info.state = new;
 
     if new == TCP_CLOSE {
         // This life is over: the next one on this skaddr gets a new identity.
         let _ = SOCKS.remove(skaddr);
+        if matches!(old, TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING)
+            && let Some(tw) = take_pending_tw(sport)
+        {
+            // The kernel just handed this connection to a timewait socket (tcp_time_wait
+            // armed its timer a moment ago on this CPU): it goes on there, in `substate`.
+            let (tw, substate) = tw;
+            info.state = substate;
+            if keep_owner(filter_flags, &info.owner) {
+                let _ = insert_tw(&tw, &info);
+                // `old → old` when it stays in its state (FIN_WAIT2): a handoff, not a change.
+                emit(&info, tw, old, substate, flags | EVENT_F_TIMEWAIT, cpu, 0);
+            } else {
+                bump(COUNTER_FILTERED);
+            }
+            return Ok(());
+        }
     } else if let Some(p) = existing {
         // SAFETY: same map value as above, still ours for this program run.
         unsafe { *p = info };
@@ -399,11 +490,309 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         bump(COUNTER_SOCK_MAP_FULL);
     }
     if keep_owner(filter_flags, &info.owner) {
-        emit(&info, skaddr, old, new, flags, cpu);
+        emit(&info, skaddr, old, new, flags, cpu, 0);
     } else {
         bump(COUNTER_FILTERED);
     }
     Ok(())
+}
+
+/// Reads a kernel value at `base + off`.
+#[inline(always)]
+fn kread<T>(base: u64, off: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel tolerates any address; offsets come from BTF.
+    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }.map_err(i64::from)
+}
+
+/// Inode number of the network namespace of the socket (or timewait socket) at `sk`; 0
+/// when unknown.
+#[inline(always)]
+fn netns_of(sk: u64) -> u32 {
+    if ro(&KOFFS.valid) & KOFF_NETNS == 0 {
+        return 0;
+    }
+    let Ok(net) = kread::<u64>(sk, ro(&KOFFS.skc_net)) else {
+        return 0;
+    };
+    kread::<u32>(net, ro(&KOFFS.net_inum)).unwrap_or(0)
+}
+
+/// The timewait socket armed on this CPU for the full socket with local port `sport`, if
+/// any; clears the slot either way.
+#[inline(always)]
+fn take_pending_tw(sport: u16) -> Option<(u64, u8)> {
+    let p = PENDING_TW.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot; our programs don't nest on one CPU.
+    let slot = unsafe { &mut *p };
+    let tw = slot.tw;
+    slot.tw = 0;
+    (tw != 0 && slot.sport == sport).then_some((tw, slot.substate))
+}
+
+/// A timewait socket's end at `ts_ns` (`jiffies` then), with its substate and timer expiry
+/// as last read: reported as `its state → CLOSE`, preceded by FIN_WAIT2 → TIME_WAIT if the
+/// peer's FIN moved it there silently (a rearm within the same timer-wheel bucket emits no
+/// timer tracepoint). That rearm set expires = then + 60 s, so the time it entered
+/// TIME_WAIT is known to a jiffy.
+#[inline(always)]
+fn end_tw(tw: u64, ts_ns: u64, jiffies: u64, substate: u8, expires: u64) {
+    // SAFETY: a map value copied out.
+    let Some(mut info) = (unsafe { TWS.get(tw) }).copied() else {
+        return;
+    };
+    let _ = TWS.remove(tw);
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if substate == TCP_TIME_WAIT && info.state == TCP_FIN_WAIT2 {
+        let jiffy_ns = u64::from(ro(&KOFFS.jiffy_ns));
+        let mut at = ts_ns;
+        if let Some(hz) = 1_000_000_000u64.checked_div(jiffy_ns) {
+            let entered = expires.wrapping_sub(TIMEWAIT_LEN_SECS * hz);
+            let ago = jiffies.wrapping_sub(entered);
+            if ago <= TIMEWAIT_LEN_SECS * hz * 2 {
+                at = ts_ns.saturating_sub(ago * jiffy_ns);
+            }
+        }
+        emit(
+            &info,
+            tw,
+            TCP_FIN_WAIT2,
+            TCP_TIME_WAIT,
+            EVENT_F_TIMEWAIT,
+            cpu,
+            at,
+        );
+        info.state = TCP_TIME_WAIT;
+    }
+    emit(
+        &info,
+        tw,
+        info.state,
+        TCP_CLOSE,
+        EVENT_F_TIMEWAIT,
+        cpu,
+        ts_ns,
+    );
+}
+
+/// Concludes a timewait timer cancelled earlier on this CPU that was neither rearmed nor
+/// expired (`except` is the timer being handled right now): the socket was killed then.
+#[inline(always)]
+fn conclude_cancel(except: u64) {
+    let Some(p) = PENDING_CANCEL.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot; our programs don't nest on one CPU.
+    let slot = unsafe { &mut *p };
+    let tw = slot.tw;
+    if tw == 0 || tw == except {
+        return;
+    }
+    slot.tw = 0;
+    end_tw(tw, slot.ts_ns, slot.jiffies, slot.substate, slot.expires);
+}
+
+/// The timewait socket whose timer is at `timer`, if the daemon told us where to look.
+#[inline(always)]
+fn tw_of_timer(timer: u64, function: u64) -> Option<u64> {
+    if ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 || function != ro(&KOFFS.tw_handler) {
+        return None;
+    }
+    Some(timer - u64::from(ro(&KOFFS.tw_timer)))
+}
+
+/// timer:timer_start. Fires for every kernel timer: the function compare comes first.
+#[tracepoint(category = "timer", name = "timer_start")]
+pub fn tw_timer_start(ctx: TracePointContext) -> u32 {
+    // SAFETY: fixed offsets of timer_start's record (checked by the daemon from tracefs).
+    let Ok(function) = (unsafe { ctx.read_at::<u64>(16) }) else {
+        return 0;
+    };
+    if function != ro(&KOFFS.tw_handler) || ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    let Ok(timer) = (unsafe { ctx.read_at::<u64>(8) }) else {
+        return 0;
+    };
+    let Some(tw) = tw_of_timer(timer, function) else {
+        return 0;
+    };
+    let rearm = PENDING_CANCEL.get_ptr_mut(0).is_some_and(|p| {
+        // SAFETY: per-CPU slot; our programs don't nest on one CPU.
+        let slot = unsafe { &mut *p };
+        let same = slot.tw == tw;
+        if same {
+            slot.tw = 0;
+        }
+        same
+    });
+    conclude_cancel(tw);
+    let Ok(substate) = kread::<u8>(tw, ro(&KOFFS.tw_substate)) else {
+        return 0;
+    };
+    if let Some(p) = TWS.get_ptr_mut(tw) {
+        // SAFETY: a map value we hold no other reference to.
+        let info = unsafe { &mut *p };
+        if substate != info.state {
+            let from = info.state;
+            info.state = substate;
+            let copy = *info;
+            // SAFETY: helper without arguments.
+            let cpu = unsafe { bpf_get_smp_processor_id() };
+            emit(&copy, tw, from, substate, EVENT_F_TIMEWAIT, cpu, 0);
+        }
+        return 0;
+    }
+    if rearm {
+        return 0;
+    }
+    let Ok(sport) = kread::<u16>(tw, ro(&KOFFS.skc_num)) else {
+        return 0;
+    };
+    if let Some(p) = PENDING_TW.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; our programs don't nest on one CPU.
+        unsafe {
+            (*p).tw = tw;
+            (*p).sport = sport;
+            (*p).substate = substate;
+        }
+    }
+    0
+}
+
+/// timer:timer_expire_entry: a timewait socket's timer ran out, so the socket ends now.
+#[tracepoint(category = "timer", name = "timer_expire_entry")]
+pub fn tw_timer_expire(ctx: TracePointContext) -> u32 {
+    // Every CPU expires some timer now and then: a killed timewait socket whose cancel is
+    // pending here is concluded soon even on an otherwise idle CPU.
+    // SAFETY: fixed offset of timer_expire_entry's record (checked by the daemon).
+    let timer = unsafe { ctx.read_at::<u64>(8) }.unwrap_or(0);
+    conclude_cancel(timer.wrapping_sub(u64::from(ro(&KOFFS.tw_timer))));
+    // SAFETY: fixed offsets of timer_expire_entry's record (checked by the daemon).
+    let Ok(function) = (unsafe { ctx.read_at::<u64>(24) }) else {
+        return 0;
+    };
+    if function != ro(&KOFFS.tw_handler) || ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    let (Ok(timer), Ok(now)) = (unsafe { ctx.read_at::<u64>(8) }, unsafe {
+        ctx.read_at::<u64>(16)
+    }) else {
+        return 0;
+    };
+    let Some(tw) = tw_of_timer(timer, function) else {
+        return 0;
+    };
+    if let Some(p) = PENDING_CANCEL.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; our programs don't nest on one CPU.
+        unsafe {
+            if (*p).tw == tw {
+                (*p).tw = 0;
+            }
+        }
+    }
+    conclude_cancel(tw);
+    // SAFETY: helper without arguments.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let substate = kread::<u8>(tw, ro(&KOFFS.tw_substate)).unwrap_or(0);
+    let expires = kread::<u64>(timer, ro(&KOFFS.timer_expires)).unwrap_or(0);
+    end_tw(tw, now_ns, now, substate, expires);
+    0
+}
+
+/// timer:timer_cancel: a timewait socket's timer was taken off the wheel (rearm, expiry,
+/// or the socket's end); which one is decided by what follows on this CPU.
+#[tracepoint(category = "timer", name = "timer_cancel")]
+pub fn tw_timer_cancel(ctx: TracePointContext) -> u32 {
+    if ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 {
+        return 0;
+    }
+    // SAFETY: fixed offset of timer_cancel's record (checked by the daemon).
+    let Ok(timer) = (unsafe { ctx.read_at::<u64>(8) }) else {
+        return 0;
+    };
+    let Ok(function) = kread::<u64>(timer, ro(&KOFFS.timer_function)) else {
+        return 0;
+    };
+    let Some(tw) = tw_of_timer(timer, function) else {
+        return 0;
+    };
+    conclude_cancel(tw);
+    // SAFETY: map lookup of a plain value.
+    if unsafe { TWS.get(tw) }.is_none() {
+        return 0;
+    }
+    let substate = kread::<u8>(tw, ro(&KOFFS.tw_substate)).unwrap_or(0);
+    let expires = kread::<u64>(timer, ro(&KOFFS.timer_expires)).unwrap_or(0);
+    if let Some(p) = PENDING_CANCEL.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; our programs don't nest on one CPU.
+        unsafe {
+            (*p).tw = tw;
+            (*p).ts_ns = bpf_ktime_get_ns();
+            (*p).jiffies = bpf_jiffies64();
+            (*p).substate = substate;
+            (*p).expires = expires;
+        }
+    }
+    0
+}
+
+/// syscalls:sys_exit_accept4 / sys_exit_accept: the calling process now owns the socket
+/// behind the returned fd. Follows current->files->fdt->fd[ret]->private_data->sk.
+#[inline(always)]
+fn on_accept(ctx: &TracePointContext) -> Result<(), i64> {
+    if ro(&KOFFS.valid) & KOFF_ACCEPT == 0 {
+        return Ok(());
+    }
+    // SAFETY: `ret` of the syscalls exit record (offset checked by the daemon).
+    let fd = unsafe { ctx.read_at::<i64>(16) }.map_err(i64::from)?;
+    if !(0..1 << 30).contains(&fd) {
+        return Ok(());
+    }
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kread(task, ro(&KOFFS.task_files))?;
+    let fdt: u64 = kread(files, ro(&KOFFS.files_fdt))?;
+    let fds: u64 = kread(fdt, ro(&KOFFS.fdt_fd))?;
+    let file: u64 = kread(fds + 8 * fd as u64, 0)?;
+    let socket: u64 = kread(file, ro(&KOFFS.file_private_data))?;
+    let sk: u64 = kread(socket, ro(&KOFFS.socket_sk))?;
+    let Some(p) = SOCKS.get_ptr_mut(sk) else {
+        return Ok(());
+    };
+    let Some(owner) = current_owner(OWNER_SRC_ACCEPT) else {
+        return Ok(());
+    };
+    // SAFETY: a map value we hold no other reference to.
+    let info = unsafe { &mut *p };
+    info.owner = owner;
+    info.unaccepted = 0;
+    let copy = *info;
+    let filter_flags = ro(&FILTER.flags);
+    if keep_owner(filter_flags, &copy.owner)
+        && (filter_flags & FILTER_NETNS == 0 || copy.netns == ro(&FILTER.netns))
+    {
+        // SAFETY: helper without arguments.
+        let cpu = unsafe { bpf_get_smp_processor_id() };
+        emit(&copy, sk, copy.state, copy.state, EVENT_F_ACCEPT, cpu, 0);
+    } else {
+        bump(COUNTER_FILTERED);
+    }
+    Ok(())
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    let _ = on_accept(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    let _ = on_accept(&ctx);
+    0
 }
 
 /// By reference on purpose: passing the 96-byte value lets LLVM copy it once more on the
@@ -413,9 +802,16 @@ fn insert_sock(skaddr: &u64, info: &SockInfo) -> Result<(), i32> {
     SOCKS.insert(skaddr, info, u64::from(BPF_ANY))
 }
 
-/// Writes one event for the connection `info` into the ring buffer (or counts its loss).
+/// By reference, like `insert_sock`, to keep the value off the stack twice.
 #[inline(always)]
-fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32) {
+fn insert_tw(tw: &u64, info: &SockInfo) -> Result<(), i32> {
+    TWS.insert(tw, info, u64::from(BPF_ANY))
+}
+
+/// Writes one event for the connection `info` into the ring buffer (or counts its loss).
+/// `ts_ns` 0 means now.
+#[inline(always)]
+fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32, ts_ns: u64) {
     if info.owner.source != OWNER_SRC_NONE {
         flags |= EVENT_F_OWNER_KNOWN;
     }
@@ -428,10 +824,14 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is our reserved, exclusively owned slot of size_of::<StateEvent>();
-    // every field is written before submit. Field by field, so the 136-byte event is
+    // every field is written before submit. Field by field, so the 144-byte event is
     // never built on the 512-byte stack.
     unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).ts_ns = if ts_ns != 0 {
+            ts_ns
+        } else {
+            bpf_ktime_get_ns()
+        };
         (*ev).skaddr = skaddr;
         (*ev).conn_id = info.conn_id;
         (*ev).pid_tgid = bpf_get_current_pid_tgid();
@@ -446,6 +846,8 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
         (*ev).flags = flags;
         (*ev).cpu = cpu;
         (*ev).owner = info.owner;
+        (*ev).netns = info.netns;
+        (*ev)._pad = 0;
     }
     // Wake the reader only when the unread data crosses the threshold (a window of a few
     // records, as the other CPU may cross it in the same instant). Past it the reader is

@@ -5,11 +5,23 @@ use std::mem::offset_of;
 use std::net::SocketAddr;
 
 use tcptrace_common::{
-    AF_INET, AF_INET6, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN, Owner,
-    STATE_EVENT_SIZE, StateEvent,
+    AF_INET, AF_INET6, EVENT_F_ACCEPT, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN,
+    EVENT_F_TIMEWAIT, EVENT_F_UNACCEPTED, OWNER_SRC_ACCEPT, OWNER_SRC_CLOSE, OWNER_SRC_CONNECT,
+    OWNER_SRC_LISTEN, OWNER_SRC_LISTENER, Owner, STATE_EVENT_SIZE, StateEvent,
 };
 
-use crate::event::{Comm, Task, TcpState, Transition, ip_from_wire};
+use crate::event::{Comm, ConnMeta, EventKind, OwnerVia, Task, TcpState, Transition, ip_from_wire};
+
+fn owner_via(source: u32) -> OwnerVia {
+    match source {
+        OWNER_SRC_CONNECT => OwnerVia::Connect,
+        OWNER_SRC_LISTEN => OwnerVia::Listen,
+        OWNER_SRC_ACCEPT => OwnerVia::Accept,
+        OWNER_SRC_CLOSE => OwnerVia::Close,
+        OWNER_SRC_LISTENER => OwnerVia::Listener,
+        _ => OwnerVia::Unknown,
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -63,6 +75,35 @@ pub fn decode(buf: &[u8]) -> Result<Transition, DecodeError> {
     let dport = u16_at(buf, offset_of!(StateEvent, dport));
     let pid_tgid = u64_at(buf, offset_of!(StateEvent, pid_tgid));
     let flags = u32_at(buf, offset_of!(StateEvent, flags));
+    let o = offset_of!(StateEvent, owner);
+    let known = flags & EVENT_F_OWNER_KNOWN != 0;
+    let meta = ConnMeta {
+        owner_via: if known {
+            owner_via(u32_at(buf, o + offset_of!(Owner, source)))
+        } else {
+            OwnerVia::Unknown
+        },
+        uid: if known {
+            u32_at(buf, o + offset_of!(Owner, uid))
+        } else {
+            0
+        },
+        cgroup_id: if known {
+            u64_at(buf, o + offset_of!(Owner, cgroup_id))
+        } else {
+            0
+        },
+        netns: u32_at(buf, offset_of!(StateEvent, netns)),
+        unaccepted: flags & EVENT_F_UNACCEPTED != 0,
+        container: [0; 12],
+    };
+    let kind = if flags & EVENT_F_ACCEPT != 0 {
+        EventKind::Accept
+    } else if flags & EVENT_F_TIMEWAIT != 0 && old == new {
+        EventKind::Handoff
+    } else {
+        EventKind::State
+    };
     Ok(Transition {
         ts_ns: u64_at(buf, offset_of!(StateEvent, ts_ns)),
         conn_id: u64_at(buf, offset_of!(StateEvent, conn_id)),
@@ -79,14 +120,13 @@ pub fn decode(buf: &[u8]) -> Result<Transition, DecodeError> {
         starts_conn: flags & EVENT_F_NEW_CONN != 0,
         midlife: flags & EVENT_F_MIDLIFE != 0,
         cpu: u32_at(buf, offset_of!(StateEvent, cpu)),
-        owner: (flags & EVENT_F_OWNER_KNOWN != 0).then(|| {
-            let o = offset_of!(StateEvent, owner);
-            Task {
-                pid: u32_at(buf, o + offset_of!(Owner, tgid)),
-                tid: u32_at(buf, o + offset_of!(Owner, pid)),
-                comm: Comm(arr16(buf, o + offset_of!(Owner, comm))),
-            }
+        owner: known.then(|| Task {
+            pid: u32_at(buf, o + offset_of!(Owner, tgid)),
+            tid: u32_at(buf, o + offset_of!(Owner, pid)),
+            comm: Comm(arr16(buf, o + offset_of!(Owner, comm))),
         }),
+        meta,
+        kind,
     })
 }
 
@@ -129,6 +169,8 @@ mod tests {
             flags: EVENT_F_NEW_CONN,
             cpu: 1,
             owner: Owner::default(),
+            netns: 4026531840,
+            _pad: 0,
         }
     }
 
@@ -146,6 +188,8 @@ mod tests {
         assert!(t.starts_conn && !t.midlife);
         assert_eq!(t.cpu, 1);
         assert_eq!(t.owner, None, "no owner unless the kernel says it knows it");
+        assert_eq!(t.meta.owner_via, OwnerVia::Unknown);
+        assert_eq!(t.meta.netns, 4026531840);
     }
 
     #[test]
@@ -164,6 +208,22 @@ mod tests {
         let owner = t.owner.expect("owner known");
         assert_eq!((owner.pid, owner.tid), (900, 901));
         assert_eq!(owner.comm.as_str(), "leaky-server");
+        assert_eq!(
+            t.meta,
+            ConnMeta {
+                owner_via: OwnerVia::Connect,
+                uid: 1000,
+                cgroup_id: 77,
+                netns: 4026531840,
+                unaccepted: false,
+                container: [0; 12],
+            }
+        );
+        assert_eq!(t.kind, EventKind::State);
+        ev.flags |= EVENT_F_ACCEPT | EVENT_F_UNACCEPTED;
+        let t = decode(&encode(&ev)).expect("valid event");
+        assert_eq!(t.kind, EventKind::Accept);
+        assert!(t.meta.unaccepted);
         // The task that happened to run stays what it was.
         assert_eq!(t.task.pid, 4242);
     }

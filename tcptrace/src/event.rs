@@ -148,6 +148,109 @@ pub struct Task {
     pub comm: Comm,
 }
 
+/// Which call of the owner's the kernel side recorded the owner at.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerVia {
+    /// No owner recorded (yet).
+    #[default]
+    Unknown,
+    Connect,
+    Listen,
+    /// The process whose accept() returned this socket.
+    Accept,
+    /// close() or shutdown().
+    Close,
+    /// Inherited from the listener whose accept queue the socket sits in (not accepted).
+    Listener,
+    /// Found holding a file descriptor to it in /proc at start-up (the snapshot).
+    Fd,
+}
+
+impl OwnerVia {
+    pub fn name(self) -> &'static str {
+        match self {
+            OwnerVia::Unknown => "unknown",
+            OwnerVia::Connect => "connect",
+            OwnerVia::Listen => "listen",
+            OwnerVia::Accept => "accept",
+            OwnerVia::Close => "close",
+            OwnerVia::Listener => "listener",
+            OwnerVia::Fd => "fd",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<OwnerVia> {
+        [
+            OwnerVia::Unknown,
+            OwnerVia::Connect,
+            OwnerVia::Listen,
+            OwnerVia::Accept,
+            OwnerVia::Close,
+            OwnerVia::Listener,
+            OwnerVia::Fd,
+        ]
+        .into_iter()
+        .find(|v| v.name() == s)
+    }
+}
+
+/// What the kernel side knows about a connection besides its tuple: where its owner was
+/// recorded, the owner's uid and cgroup, the socket's network namespace, and whether it
+/// still sits unaccepted in a listener's queue. Zero means unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnMeta {
+    pub owner_via: OwnerVia,
+    /// Owner's uid; meaningful only when `owner_via` is not `Unknown`.
+    pub uid: u32,
+    /// Owner's cgroup v2 id (the cgroup directory's inode number); 0 unknown.
+    pub cgroup_id: u64,
+    /// Inode of the socket's network namespace (`/proc/<pid>/ns/net`); 0 unknown.
+    pub netns: u32,
+    /// A listener's child that no process has accepted yet.
+    pub unaccepted: bool,
+    /// The owner's container, when its cgroup path shows one: the id's first 12 hex
+    /// digits, as `docker ps` shows it; all zero when none.
+    pub container: [u8; 12],
+}
+
+impl ConnMeta {
+    pub fn container(&self) -> Option<&str> {
+        (self.container != [0; 12]).then(|| std::str::from_utf8(&self.container).unwrap_or(""))
+    }
+}
+
+/// What an event says happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum EventKind {
+    /// A state change `old` → `new`.
+    #[default]
+    State,
+    /// Not a state change (`old == new`): a process accept()ed the socket and now owns it.
+    Accept,
+    /// Not a state change (`old == new`): the application has closed the socket and the
+    /// kernel moved the connection, still in this state (FIN_WAIT2), to a timewait
+    /// mini-socket, which ends on its own after tcp_fin_timeout.
+    Handoff,
+    /// Not a state change (`old == new`): the socket was found in this state by the
+    /// start-up snapshot; it predates the tracer, so its history before is unknown.
+    Present,
+}
+
+impl EventKind {
+    /// The NDJSON `type` of an event of this kind.
+    pub fn record_type(self) -> &'static str {
+        match self {
+            EventKind::State => "transition",
+            EventKind::Accept => "accept",
+            EventKind::Handoff => "handoff",
+            EventKind::Present => "present",
+        }
+    }
+}
+
 /// One TCP state change of one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transition {
@@ -170,6 +273,8 @@ pub struct Transition {
     /// close) by the kernel side, when it knows it. `None` means unknown: never guess from
     /// `task`, which in softirq is whatever happened to run.
     pub owner: Option<Task>,
+    pub meta: ConnMeta,
+    pub kind: EventKind,
 }
 
 /// An address read by family; an IPv4-mapped IPv6 address is shown as the IPv4 address.

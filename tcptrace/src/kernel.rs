@@ -11,10 +11,11 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use aya_log::EbpfLogger;
 use tcptrace_common::{
     COUNTER_FILTERED, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL,
-    COUNTER_SUBMITTED, Filter, SOCK_MAP_ENTRIES,
+    COUNTER_SUBMITTED, Filter, KOFF_ACCEPT, KOFF_TIMEWAIT, SOCK_MAP_ENTRIES,
 };
 use tokio::io::unix::AsyncFd;
 
+use crate::kernel_btf;
 use crate::tracefs::{self, TRACEPOINT_CATEGORY, TRACEPOINT_NAME, TracefsError};
 
 const PROGRAM: &str = "inet_sock_set_state";
@@ -59,6 +60,8 @@ pub struct TracerConfig {
     pub sock_map_entries: u32,
     /// In-kernel filters (see `filter.rs`); the default keeps everything.
     pub filter: Filter,
+    /// Follow timewait sockets (TIME_WAIT) through the timer tracepoints.
+    pub timewait: bool,
 }
 
 impl Default for TracerConfig {
@@ -68,6 +71,7 @@ impl Default for TracerConfig {
             wakeup_bytes: 256 << 10,
             sock_map_entries: SOCK_MAP_ENTRIES,
             filter: Filter::default(),
+            timewait: true,
         }
     }
 }
@@ -94,8 +98,11 @@ pub struct Tracer {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     logger: AsyncFd<EbpfLogger<&'static dyn log::Log>>,
-    /// Every attached program (recursion misses are summed over them).
+    /// Every attached program whose events are the connections' (recursion misses are
+    /// summed over them).
     prog_fds: Vec<std::os::fd::RawFd>,
+    /// What could not be hooked here, one sentence each (the rest works without it).
+    warnings: Vec<String>,
     _ebpf: Ebpf,
 }
 
@@ -155,6 +162,19 @@ impl Tracer {
         check_privileges()?;
         let tracefs = tracefs::find_or_mount()?;
         let layout = tracefs::read_layout(&tracefs)?;
+        let (mut koffs, mut warnings) = kernel_btf::kernel_offsets();
+        if !cfg.timewait {
+            koffs.valid &= !KOFF_TIMEWAIT;
+        }
+        // The eBPF side reads these records at fixed offsets: check them on this kernel.
+        for (bit, category, name, fields) in HOOK_RECORDS {
+            if koffs.valid & bit != 0
+                && let Err(e) = tracefs::check_fields(&tracefs, category, name, fields)
+            {
+                koffs.valid &= !bit;
+                warnings.push(hook_warning(*bit, &e));
+            }
+        }
 
         // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lifting it is harmless after.
         let unlimited = libc::rlimit {
@@ -168,8 +188,10 @@ impl Tracer {
             .override_global("LAYOUT", &layout, true)
             .override_global("WAKEUP_BYTES", &cfg.wakeup_bytes, true)
             .override_global("FILTER", &cfg.filter, true)
+            .override_global("KOFFS", &koffs, true)
             .map_max_entries("EVENTS", cfg.ring_bytes)
             .map_max_entries("SOCKS", cfg.sock_map_entries)
+            .map_max_entries("TWS", timewait_capacity())
             .load(EBPF_OBJECT)
             .map_err(|e| match e {
                 EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
@@ -195,13 +217,40 @@ impl Tracer {
         program
             .attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)
             .map_err(|e| KernelError::Attach(e.to_string()))?;
-        let prog_fds = vec![
+        let mut prog_fds = vec![
             program
                 .fd()
                 .map_err(|e| KernelError::Load(e.to_string()))?
                 .as_fd()
                 .as_raw_fd(),
         ];
+        // accept(): each attach on its own; a missing one only loses that call's owners.
+        if koffs.valid & KOFF_ACCEPT != 0 {
+            for (prog, name) in [
+                ("sys_exit_accept4", "sys_exit_accept4"),
+                ("sys_exit_accept", "sys_exit_accept"),
+            ] {
+                match attach_hook(&mut ebpf, prog, "syscalls", name) {
+                    Ok(fd) => prog_fds.push(fd),
+                    Err(e) => warnings.push(hook_warning(KOFF_ACCEPT, &e)),
+                }
+            }
+        }
+        // Timewait sockets: the end hooks first, so that no timewait socket is followed
+        // whose end could not be seen.
+        if koffs.valid & KOFF_TIMEWAIT != 0 {
+            let hooks = [
+                ("tw_timer_expire", "timer_expire_entry"),
+                ("tw_timer_cancel", "timer_cancel"),
+                ("tw_timer_start", "timer_start"),
+            ];
+            for (prog, name) in hooks {
+                if let Err(e) = attach_hook(&mut ebpf, prog, "timer", name) {
+                    warnings.push(hook_warning(KOFF_TIMEWAIT, &e));
+                    break;
+                }
+            }
+        }
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
                 .ok_or_else(|| KernelError::Load("map EVENTS missing".into()))?,
@@ -220,8 +269,14 @@ impl Tracer {
             counters,
             logger,
             prog_fds,
+            warnings,
             _ebpf: ebpf,
         })
+    }
+
+    /// What could not be hooked on this kernel, one sentence each.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Waits until the kernel wakes the reader (enough unread data) or `timeout` passes.
@@ -276,6 +331,81 @@ impl Tracer {
     pub fn program_info(&self) -> std::io::Result<ProgInfo> {
         prog_info(self.prog_fds[0])
     }
+}
+
+/// The tracepoint records the optional hooks read, with the fields at the offsets the eBPF
+/// program uses.
+type HookRecord = (
+    u32,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, u32, u32)],
+);
+const HOOK_RECORDS: &[HookRecord] = &[
+    (
+        KOFF_ACCEPT,
+        "syscalls",
+        "sys_exit_accept4",
+        &[("ret", 16, 8)],
+    ),
+    (
+        KOFF_ACCEPT,
+        "syscalls",
+        "sys_exit_accept",
+        &[("ret", 16, 8)],
+    ),
+    (
+        KOFF_TIMEWAIT,
+        "timer",
+        "timer_start",
+        &[("timer", 8, 8), ("function", 16, 8)],
+    ),
+    (
+        KOFF_TIMEWAIT,
+        "timer",
+        "timer_expire_entry",
+        &[("timer", 8, 8), ("now", 16, 8), ("function", 24, 8)],
+    ),
+    (KOFF_TIMEWAIT, "timer", "timer_cancel", &[("timer", 8, 8)]),
+];
+
+fn hook_warning(bit: u32, cause: &str) -> String {
+    match bit {
+        KOFF_ACCEPT => format!(
+            "accept() owners are not traced ({cause}); accepted sockets keep their listener's owner"
+        ),
+        _ => format!(
+            "TIME_WAIT is not traced ({cause}); lifecycles end at FIN_WAIT2/CLOSING -> CLOSE"
+        ),
+    }
+}
+
+/// Timewait sockets to follow at most: the kernel's own limit (tcp_max_tw_buckets; beyond
+/// it, it creates none), within 1k..1M.
+fn timewait_capacity() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(SOCK_MAP_ENTRIES, |n| n.clamp(1024, 1 << 20) as u32)
+}
+
+/// Loads and attaches one optional tracepoint program; returns its fd.
+fn attach_hook(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    category: &str,
+    name: &str,
+) -> Result<std::os::fd::RawFd, String> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing from the object"))?
+        .try_into()
+        .map_err(|e: ProgramError| e.to_string())?;
+    program.load().map_err(|e| verifier_error(e).to_string())?;
+    program
+        .attach(category, name)
+        .map_err(|e| format!("attaching to {category}:{name} failed: {e}"))?;
+    Ok(program.fd().map_err(|e| e.to_string())?.as_fd().as_raw_fd())
 }
 
 /// The fields of the kernel's `struct bpf_prog_info` (uapi/linux/bpf.h) that aya 0.14 does

@@ -74,6 +74,32 @@ pub fn read_layout(tracefs: &Path) -> Result<TracepointLayout, TracefsError> {
     parse_format(&text)
 }
 
+/// Whether tracepoint `category:name` exists here and has each `(field, offset, size)`
+/// exactly where the eBPF program reads it. `Err` says what differs, in one sentence.
+pub fn check_fields(
+    tracefs: &Path,
+    category: &str,
+    name: &str,
+    want: &[(&str, u32, u32)],
+) -> Result<(), String> {
+    let path = tracefs
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("tracepoint {category}:{name} unavailable ({e})"))?;
+    let fields: Vec<(&str, u32, u32)> = text.lines().filter_map(parse_field).collect();
+    for &(field, off, size) in want {
+        if !fields.contains(&(field, off, size)) {
+            return Err(format!(
+                "tracepoint {category}:{name} has no field {field} at offset {off} of size {size}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One `field:` line: its declared name (without any `[N]`), offset and size.
 fn parse_field(line: &str) -> Option<(&str, u32, u32)> {
     let line = line.trim();

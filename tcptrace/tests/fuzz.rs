@@ -45,6 +45,8 @@ fn state_event() -> impl Strategy<Value = StateEvent> {
                         cgroup_id: 0,
                         comm: oc,
                     },
+                    netns: tg ^ pid,
+                    _pad: 0,
                 }
             },
         )

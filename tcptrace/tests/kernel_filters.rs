@@ -16,6 +16,7 @@ fn tracer_with(f: FilterArgs) -> Tracer {
     let filter = f.to_kernel().expect("valid filter");
     Tracer::start(TracerConfig {
         filter,
+        timewait: false,
         ..TracerConfig::default()
     })
     .unwrap_or_else(|e| panic!("load: {e}"))
@@ -48,7 +49,7 @@ fn port_and_address_filters_keep_exactly_the_matching_connections() {
         let events = collect(
             &mut tracer,
             |_| true,
-            |e| e.len() >= 11,
+            |e| e.len() >= 12,
             Duration::from_secs(3),
         )
         .await;
@@ -56,8 +57,9 @@ fn port_and_address_filters_keep_exactly_the_matching_connections() {
             .iter()
             .filter(|t| t.local.port() == kept_port || t.remote.port() == kept_port)
             .count();
-        // 12 minus the listener's CLOSE→LISTEN, which happened before the tracer loaded.
-        assert_eq!(on_kept, 11, "{}", show(&events));
+        // 12 transitions and an accept, minus the listener's CLOSE→LISTEN, which happened
+        // before the tracer loaded.
+        assert_eq!(on_kept, 12, "{}", show(&events));
         assert!(
             events
                 .iter()
@@ -83,7 +85,7 @@ fn port_and_address_filters_keep_exactly_the_matching_connections() {
         let events = collect(
             &mut tracer,
             |_| true,
-            |e| e.len() >= 12,
+            |e| e.len() >= 13,
             Duration::from_secs(3),
         )
         .await;
@@ -97,12 +99,12 @@ fn port_and_address_filters_keep_exactly_the_matching_connections() {
                 .iter()
                 .all(|t| t.local.port() != v4 && t.remote.port() != v4)
         );
-        // All 12: even SYN_SENT carries the local address (only its port is still 0).
+        // All 13: even SYN_SENT carries the local address (only its port is still 0).
         let on_v6 = events
             .iter()
             .filter(|t| t.local.port() == v6 || t.remote.port() == v6)
             .count();
-        assert_eq!(on_v6, 12, "{}", show(&events));
+        assert_eq!(on_v6, 13, "{}", show(&events));
     });
 }
 
@@ -123,14 +125,15 @@ fn owner_filter_keeps_a_process_sockets_from_their_first_event() {
         let events = collect(
             &mut tracer,
             |t| t.local.port() == port || t.remote.port() == port,
-            |e| e.len() > 2 * 3,
+            |e| e.len() > 2 * 4,
             Duration::from_secs(3),
         )
         .await;
         // Listener CLOSE→LISTEN, then per accepted child LISTEN→SYN_RECV, SYN_RECV→ESTABLISHED,
-        // ESTABLISHED→CLOSE_WAIT: all owned by the server. The client's 5 per connection
-        // (owned by this test process) are dropped in the kernel.
-        assert_eq!(events.len(), 1 + 2 * 3, "{}", show(&events));
+        // its accept and ESTABLISHED→CLOSE_WAIT: all owned by the server. The client's 5
+        // per connection (owned by this test process) are dropped in the kernel.
+        assert_eq!(events.len(), 1 + 2 * 4, "{}", show(&events));
+        assert_eq!(accepts(&events).len(), 2, "{}", show(&events));
         for t in &events {
             let o = t.owner.expect("owner known from the first event");
             assert_eq!(

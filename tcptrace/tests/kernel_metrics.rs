@@ -210,6 +210,7 @@ impl Tally {
     fn add(&mut self, o: &Output, port: u16) {
         let ours = |a: SocketAddr, b: SocketAddr| a.port() == port || b.port() == port;
         match o {
+            Output::Transition(r) if r.t.kind != tcptrace::event::EventKind::State => {}
             Output::Transition(r) => {
                 let pair = (r.t.old.name(), r.t.new.name());
                 *self.transitions.entry(pair).or_default() += 1;
@@ -493,10 +494,16 @@ fn the_live_loop_feeds_the_endpoint_while_tracing() {
             *slot.borrow_mut() = Some(t);
         });
         let opts = LiveOptions {
-            tracer: TracerConfig::default(),
+            // Without TIME_WAIT, so that the active closers' lifecycles end within the run.
+            tracer: TracerConfig {
+                timewait: false,
+                ..TracerConfig::default()
+            },
             duration: Some(Duration::from_secs(5)),
             on_ready: Some(on_ready),
             drop_caps: false,
+            snapshot: None,
+            cgroups: Default::default(),
             metrics: Some(Arc::clone(&metrics)),
         };
         let (_, summary) = run(&mut pipeline, opts).await.expect("the live loop");

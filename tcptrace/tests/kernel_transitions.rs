@@ -87,7 +87,7 @@ fn run_one(bind: &str, v6: bool) {
         let events = collect(
             &mut tracer,
             ours(port),
-            |e| e.len() >= 5 + 5 + 2,
+            |e| e.len() >= 5 + 5 + 1 + 2,
             Duration::from_secs(5),
         )
         .await;
@@ -168,7 +168,8 @@ fn thousand_back_to_back_connections_are_complete_and_never_merged() {
             }
         }
         drop(listener);
-        let expected = N * 10 + 2;
+        // 10 transitions and one accept per connection, 2 for the listener.
+        let expected = N * 11 + 2;
         events.extend(
             collect(&mut tracer, ours(port), |e| e.len() + events.len() >= expected, Duration::from_secs(10)).await,
         );
@@ -216,11 +217,11 @@ fn program_info_and_counters_are_read_from_the_kernel() {
         let events = collect(
             &mut tracer,
             ours(port),
-            |e| e.len() >= 12,
+            |e| e.len() >= 13,
             Duration::from_secs(5),
         )
         .await;
-        assert_eq!(events.len(), 12);
+        assert_eq!(events.len(), 13, "12 transitions and an accept");
         let c = tracer.counters();
         assert!(
             c.submitted >= 12,
@@ -265,11 +266,11 @@ fn owner_is_recorded_in_owner_context_and_carried_through_softirq() {
         let events = collect(
             &mut tracer,
             ours(port),
-            |e| e.len() >= 12,
+            |e| e.len() >= 13,
             Duration::from_secs(5),
         )
         .await;
-        assert_eq!(events.len(), 12, "{}", show(&events));
+        assert_eq!(events.len(), 13, "{}", show(&events));
         for evs in by_conn(&events).values() {
             let owners: Vec<Option<(u32, String)>> = evs
                 .iter()
@@ -302,6 +303,22 @@ fn owner_is_recorded_in_owner_context_and_carried_through_softirq() {
                     for o in &owners[n - 2..] {
                         assert_eq!(o, &Some((server_tid, "tt-server".into())), "{}", show(evs));
                     }
+                    // The main thread accept()ed it: that call names the owner from then on.
+                    let acc = accepts(evs);
+                    assert_eq!(acc.len(), 1, "{}", show(evs));
+                    assert_eq!(
+                        acc[0].owner.map(|o| o.tid),
+                        Some(listen_tid),
+                        "{}",
+                        show(evs)
+                    );
+                    assert_eq!(acc[0].meta.owner_via, tcptrace::event::OwnerVia::Accept);
+                    assert!(!acc[0].meta.unaccepted, "{}", show(evs));
+                    assert!(
+                        evs[0].meta.unaccepted,
+                        "queued before accept: {}",
+                        show(evs)
+                    );
                 }
                 (Close, Listen) => {
                     for o in &owners {

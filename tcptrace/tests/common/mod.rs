@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tcptrace::decode::decode;
-use tcptrace::event::{TcpState, Transition};
+use tcptrace::event::{EventKind, TcpState, Transition};
 use tcptrace::kernel::{KernelCounters, Tracer, TracerConfig};
 
 /// Kernel tests load programs on a shared tracepoint and assert zero loss; running them one
@@ -47,8 +47,28 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// A tracer without the TIME_WAIT hooks: the tests of the full sockets' own transitions
+/// (whose lifecycles then end FIN_WAIT2 → CLOSE as the tracepoint reports them).
+/// `start_tracer_with_timewait` is the default configuration.
 pub fn start_tracer() -> Tracer {
-    match Tracer::start(TracerConfig::default()) {
+    start(TracerConfig {
+        timewait: false,
+        ..TracerConfig::default()
+    })
+}
+
+pub fn start_tracer_with_timewait() -> Tracer {
+    let t = start(TracerConfig::default());
+    assert!(
+        t.warnings().is_empty(),
+        "every hook must attach on this kernel: {:?}",
+        t.warnings()
+    );
+    t
+}
+
+pub fn start(cfg: TracerConfig) -> Tracer {
+    match Tracer::start(cfg) {
         Ok(t) => t,
         Err(e) => panic!("loading the real eBPF program failed: {e}"),
     }
@@ -105,11 +125,25 @@ pub fn by_conn(events: &[Transition]) -> BTreeMap<u64, Vec<Transition>> {
     m
 }
 
-/// The path of a connection: its first old state, then every new state.
+/// The path of a connection: its first old state, then every new state (accepts and
+/// timewait handoffs are not state changes and are skipped).
 pub fn path(events: &[Transition]) -> Vec<TcpState> {
-    let mut p: Vec<TcpState> = events.first().map(|t| t.old).into_iter().collect();
-    p.extend(events.iter().map(|t| t.new));
+    let states: Vec<&Transition> = events
+        .iter()
+        .filter(|t| t.kind == EventKind::State)
+        .collect();
+    let mut p: Vec<TcpState> = states.first().map(|t| t.old).into_iter().collect();
+    p.extend(states.iter().map(|t| t.new));
     p
+}
+
+/// The accept events among `events`.
+pub fn accepts(events: &[Transition]) -> Vec<Transition> {
+    events
+        .iter()
+        .filter(|t| t.kind == EventKind::Accept)
+        .copied()
+        .collect()
 }
 
 pub fn show(events: &[Transition]) -> String {
@@ -117,8 +151,18 @@ pub fn show(events: &[Transition]) -> String {
         .iter()
         .map(|t| {
             format!(
-                "  conn {:>8x} sk {:x} {} -> {} {} -> {} pid {} ({})",
-                t.conn_id, t.skaddr, t.local, t.remote, t.old, t.new, t.task.pid, t.task.comm
+                "  conn {:>8x} sk {:x} {} -> {} {} -> {} {:?} pid {} ({}) owner {:?} via {:?}",
+                t.conn_id,
+                t.skaddr,
+                t.local,
+                t.remote,
+                t.old,
+                t.new,
+                t.kind,
+                t.task.pid,
+                t.task.comm,
+                t.owner.map(|o| o.pid),
+                t.meta.owner_via
             )
         })
         .collect::<Vec<_>>()
@@ -131,4 +175,62 @@ pub fn assert_no_loss(c: &KernelCounters) {
         (0, 0, 0),
         "events were lost in the kernel: {c:?}"
     );
+}
+
+/// A new network namespace with `lo` up: an fd that keeps it alive, and its inode.
+pub fn new_netns() -> (std::fs::File, u32) {
+    std::thread::spawn(|| {
+        // SAFETY: unshare affects only this thread's network namespace.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        loopback_up();
+        use std::os::unix::fs::MetadataExt;
+        let f = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
+        let ino = f.metadata().expect("netns inode").ino() as u32;
+        (f, ino)
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// Runs `f` on a new thread inside the network namespace `ns` (sockets made there live in
+/// it) and returns its result.
+pub fn in_netns<T: Send + 'static>(
+    ns: &std::fs::File,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    use std::os::fd::AsRawFd;
+    let fd = ns.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on a namespace fd we hold; affects only this thread.
+            let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    })
+}
+
+/// `ip link set lo up`, through the SIOCSIFFLAGS ioctl of this thread's namespace.
+fn loopback_up() {
+    // SAFETY: a datagram socket and two ioctls on a zeroed ifreq naming "lo".
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0);
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req), 0);
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req), 0);
+        libc::close(fd);
+    }
 }
