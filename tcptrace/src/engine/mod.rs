@@ -27,7 +27,7 @@ pub use state_machine::{in_owner_context, is_legal, starts_identity};
 pub use stats::{CloseKindCounts, EngineStats};
 pub use table::{IdHasher, IdMap};
 
-use crate::event::{Task, TcpState, Transition};
+use crate::event::{EventKind, Task, TcpState, Transition};
 use crate::rules::{Alert, Rule, RuleEvent, RulesConfig, default_rules};
 use conn::{
     Conn, F_ENTRY_UNKNOWN, F_GAP, F_ILLEGAL, F_PARTIAL_START, F_REFERENCED, F_SPILLED, Spill, Steps,
@@ -153,7 +153,8 @@ impl Engine {
     /// lifecycle of a superseded identity (rare), this event's `Transition` record, the
     /// `Lifecycle` it ended (if any), alerts, then an eviction's lifecycle and alerts.
     pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Output>) {
-        let legal = is_legal(t.old, t.new);
+        // Accepts and handoffs are no state change: legal by definition.
+        let legal = t.kind != EventKind::State || is_legal(t.old, t.new);
         self.books.stats.transitions += 1;
         if !legal {
             self.books.stats.illegal += 1;
@@ -236,6 +237,16 @@ impl Engine {
         self.emit(&rec, prev, local, remote, handshake_ns, lifecycle, out);
         if self.index.len() > self.cfg.max_connections {
             self.evict_one(protect, t.ts_ns, out);
+        }
+    }
+
+    /// Drops connection `conn_id` (a duplicate of another identity), emitting its partial
+    /// lifecycle (`end: "superseded"`); rules forget it.
+    pub fn forget(&mut self, conn_id: u64, now_ns: u64, out: &mut Vec<Output>) {
+        if let Some(s) = self.index.remove(&conn_id) {
+            let c = self.slab.release(s);
+            self.books.stats.superseded += 1;
+            self.let_go(c, now_ns, EndReason::Superseded, true, out);
         }
     }
 

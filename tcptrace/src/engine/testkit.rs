@@ -56,6 +56,8 @@ impl Sock {
             midlife: false,
             cpu: 0,
             owner: None,
+            meta: Default::default(),
+            kind: Default::default(),
         }
     }
 

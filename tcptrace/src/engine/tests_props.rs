@@ -98,6 +98,8 @@ fn a_million_established_connections_fit_in_200_bytes_each() {
             midlife: false,
             cpu: 0,
             owner: None,
+            meta: Default::default(),
+            kind: Default::default(),
         };
         e.on_transition(&t, &mut out);
         t.old = SynSent;
@@ -191,6 +193,8 @@ fn random_garbage_never_panics_and_every_cap_holds() {
             } else {
                 None
             },
+            meta: Default::default(),
+            kind: Default::default(),
         };
         e.on_transition(&t, &mut out);
         if i % 97 == 0 {
@@ -306,6 +310,8 @@ fn replay_rate() {
             midlife: false,
             cpu: 0,
             owner: None,
+            meta: Default::default(),
+            kind: Default::default(),
         });
         if step + 2 == s.len() {
             live.swap_remove(k);

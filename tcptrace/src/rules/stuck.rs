@@ -6,7 +6,7 @@
 
 use super::{Alert, AlertStatus, PeerShare, Rule, RuleEvent, RulesConfig, text};
 use crate::engine::IdMap;
-use crate::event::{Task, TcpState};
+use crate::event::{EventKind, Task, TcpState};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
@@ -24,7 +24,13 @@ pub struct StuckSpec {
 struct Waiting {
     owner: Option<Task>,
     peer: SocketAddr,
+    /// Never accepted: the local port of the listener whose queue it sits in.
+    backlog_of: Option<u16>,
 }
+
+/// Findings are per owner process, and separate for sockets no process has accepted (they
+/// sit in a listener's accept queue: the listener's owner holds no fd to them).
+type GroupKey = (Option<u32>, Option<u16>);
 
 #[derive(Clone, Copy, Debug)]
 enum Loc {
@@ -33,7 +39,7 @@ enum Loc {
     },
     Stuck {
         since: u64,
-        group: Option<u32>,
+        group: GroupKey,
         peer: SocketAddr,
     },
 }
@@ -62,7 +68,10 @@ pub struct Stuck {
     max_sockets: usize,
     waiting: BTreeMap<(u64, u64), Waiting>,
     loc: IdMap<Loc>,
-    groups: HashMap<Option<u32>, Group>,
+    groups: HashMap<GroupKey, Group>,
+    /// Sockets found in the state by the start-up snapshot: how long they were in it
+    /// before is unknown, so their ages are lower bounds.
+    present: std::collections::HashSet<u64>,
     /// Sockets not tracked because `max_sockets` was reached.
     pub untracked: u64,
 }
@@ -76,11 +85,15 @@ impl Stuck {
             waiting: BTreeMap::new(),
             loc: IdMap::default(),
             groups: HashMap::new(),
+            present: std::collections::HashSet::new(),
             untracked: 0,
         }
     }
 
     fn leave(&mut self, id: u64, now: u64, forgotten: bool, out: &mut Vec<Alert>) {
+        if !self.present.is_empty() {
+            self.present.remove(&id);
+        }
         match self.loc.remove(&id) {
             None => {}
             Some(Loc::Waiting { since }) => {
@@ -107,12 +120,27 @@ impl Stuck {
         }
     }
 
-    fn firing(&self, key: Option<u32>, g: &Group, status: AlertStatus, now: u64) -> Alert {
+    /// Who holds the sockets of group `key`, for messages.
+    fn holder(key: GroupKey, g: &Group) -> String {
+        match key.1 {
+            None => text::owner(g.owner.as_ref()),
+            Some(port) => format!(
+                "the accept queue of the listener on :{port} (owned by {}; never accepted)",
+                text::owner(g.owner.as_ref())
+            ),
+        }
+    }
+
+    fn firing(&self, key: GroupKey, g: &Group, status: AlertStatus, now: u64) -> Alert {
         let n = g.sockets.len() as u64;
         let oldest = g
             .sockets
             .first()
             .map_or(0, |&(since, _)| now.saturating_sub(since));
+        let at_least = g
+            .sockets
+            .first()
+            .is_some_and(|(_, id)| self.present.contains(id));
         let top = g
             .peers
             .iter()
@@ -126,12 +154,16 @@ impl Stuck {
             Some(p) => format!(", {} of them to {}", p.count, p.peer),
             None => String::new(),
         };
+        let age = if at_least {
+            format!("≥ {} (present at start)", text::age(oldest))
+        } else {
+            text::age(oldest)
+        };
         let message = format!(
-            "{} holds {} in {}, oldest {}{to}",
-            text::owner(g.owner.as_ref()),
+            "{} holds {} in {}, oldest {age}{to}",
+            Self::holder(key, g),
             text::count(n, "socket", "sockets"),
             self.spec.state,
-            text::age(oldest),
         );
         let mut a = self.alert(key, g, status, now, message);
         a.count = n;
@@ -140,7 +172,7 @@ impl Stuck {
         a
     }
 
-    fn resolved(&self, key: Option<u32>, g: &Group, now: u64) -> Alert {
+    fn resolved(&self, key: GroupKey, g: &Group, now: u64) -> Alert {
         let lasted = now.saturating_sub(g.first_since);
         let evicted = match g.forgotten {
             0 => String::new(),
@@ -148,7 +180,7 @@ impl Stuck {
         };
         let message = format!(
             "{} no longer holds sockets in {}: {} stuck, the longest for {}; resolved after {}{evicted}",
-            text::owner(g.owner.as_ref()),
+            Self::holder(key, g),
             self.spec.state,
             g.total,
             text::age(g.longest_ns),
@@ -162,7 +194,7 @@ impl Stuck {
 
     fn alert(
         &self,
-        key: Option<u32>,
+        key: GroupKey,
         g: &Group,
         status: AlertStatus,
         now: u64,
@@ -172,7 +204,10 @@ impl Stuck {
             self.spec.rule,
             status,
             now,
-            text::owner_key(key),
+            match key.1 {
+                None => text::owner_key(key.0),
+                Some(port) => format!("{},unaccepted_on={port}", text::owner_key(key.0)),
+            },
             message,
             self.spec.explanation,
         );
@@ -180,6 +215,22 @@ impl Stuck {
         a.total = g.total;
         a.threshold_ns = Some(self.after_ns);
         a
+    }
+}
+
+impl Stuck {
+    fn wait(&mut self, id: u64, since: u64, ev: &RuleEvent<'_>) {
+        let t = &ev.rec.t;
+        let w = Waiting {
+            owner: ev.rec.owner,
+            peer: ev.peer(),
+            backlog_of: (t.meta.unaccepted && t.kind == EventKind::State).then_some(t.local.port()),
+        };
+        self.waiting.insert((since, id), w);
+        self.loc.insert(id, Loc::Waiting { since });
+        if t.kind == EventKind::Present {
+            self.present.insert(id);
+        }
     }
 }
 
@@ -194,6 +245,27 @@ impl Rule for Stuck {
 
     fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
         let s = self.spec.state;
+        if ev.rec.t.kind == EventKind::Accept {
+            // accept() gave a queued socket its owner: it moves to that owner's finding,
+            // keeping the time it entered the state.
+            let id = ev.rec.t.conn_id;
+            let since = match self.loc.get(&id) {
+                Some(Loc::Waiting { since } | Loc::Stuck { since, .. }) => *since,
+                None => return,
+            };
+            let present = self.present.contains(&id);
+            self.leave(id, ev.ts(), false, out);
+            self.wait(id, since, ev);
+            if present {
+                self.present.insert(id);
+            }
+            return;
+        }
+        if ev.rec.t.kind == EventKind::Handoff {
+            // The application closed it; the kernel ends it on its own (tcp_fin_timeout).
+            self.leave(ev.rec.t.conn_id, ev.ts(), false, out);
+            return;
+        }
         if ev.left(s) {
             self.leave(ev.rec.t.conn_id, ev.ts(), false, out);
         } else if ev.entered(s) {
@@ -206,12 +278,7 @@ impl Rule for Stuck {
                 self.untracked += 1;
                 return;
             }
-            let w = Waiting {
-                owner: ev.rec.owner,
-                peer: ev.peer(),
-            };
-            self.waiting.insert((ev.ts(), id), w);
-            self.loc.insert(id, Loc::Waiting { since: ev.ts() });
+            self.wait(id, ev.ts(), ev);
         }
     }
 
@@ -222,7 +289,7 @@ impl Rule for Stuck {
     }
 
     fn tick(&mut self, now: u64, out: &mut Vec<Alert>) {
-        let mut touched: Vec<Option<u32>> = Vec::new();
+        let mut touched: Vec<GroupKey> = Vec::new();
         while let Some((&(since, id), _)) = self.waiting.first_key_value() {
             if now.saturating_sub(since) < self.after_ns {
                 break;
@@ -231,7 +298,7 @@ impl Rule for Stuck {
                 .waiting
                 .remove(&(since, id))
                 .expect("first entry present");
-            let key = w.owner.map(|o| o.pid);
+            let key = (w.owner.map(|o| o.pid), w.backlog_of);
             let g = self.groups.entry(key).or_insert_with(|| Group {
                 owner: w.owner,
                 sockets: BTreeSet::new(),
@@ -276,6 +343,7 @@ impl Rule for Stuck {
     }
 
     fn finish(&mut self) {
+        self.present.clear();
         self.waiting.clear();
         self.loc.clear();
         self.groups.clear();

@@ -335,6 +335,10 @@ impl Metrics {
     }
 
     fn observe_transition(&self, rec: &TransitionRecord) {
+        if rec.t.kind != crate::event::EventKind::State {
+            // accept() and timewait handoffs change no state.
+            return;
+        }
         let (from, to) = (rec.t.old as usize, rec.t.new as usize);
         self.transition(from, to).inc();
         if let Some(ns) = rec.in_old_state_ns {

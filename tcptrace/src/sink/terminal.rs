@@ -7,6 +7,7 @@ use super::time::{HmsCache, WallClock, human};
 use super::{RunSummary, Sink};
 use crate::cli::View;
 use crate::engine::{EndReason, LifecycleRecord, Output, Role, TransitionRecord};
+use crate::event::EventKind;
 use crate::event::Task;
 use crate::rules::{Alert, AlertStatus};
 
@@ -107,14 +108,30 @@ pub fn write_transition(
         Some(o) if o.pid != 0 => write!(w, " {:<7} {:<16}", o.pid, o.comm)?,
         _ => write!(w, " {:<7} {:<16}", "-", "(unknown)")?,
     }
-    write!(
-        w,
-        " {:<ADDR_W$} {:<ADDR_W$} {:<12} -> {:<12} ",
-        t.local, t.remote, t.old, t.new
-    )?;
+    write!(w, " {:<ADDR_W$} {:<ADDR_W$} ", t.local, t.remote)?;
+    // The events that change no state say what happened instead (same column width).
+    let what = match t.kind {
+        EventKind::State => {
+            write!(w, "{:<12} -> {:<12} ", t.old, t.new)?;
+            None
+        }
+        EventKind::Accept => Some("accepted in"),
+        EventKind::Handoff => Some("closed, timewait"),
+        EventKind::Present => Some("present at start"),
+    };
+    if let Some(what) = what {
+        let len = what.len() + 1 + t.new.name().len();
+        write!(
+            w,
+            "{what} {}{:pad$} ",
+            t.new,
+            "",
+            pad = 28usize.saturating_sub(len)
+        )?;
+    }
     match r.in_old_state_ns {
-        Some(ns) => write!(w, "{:>9.3}", ns as f64 / 1e6)?,
-        None => write!(w, "{:>9}", "-")?,
+        Some(ns) if what.is_none() => write!(w, "{:>9.3}", ns as f64 / 1e6)?,
+        _ => write!(w, "{:>9}", "-")?,
     }
     if !r.legal {
         w.write_all(b" !illegal")?;
@@ -269,6 +286,8 @@ mod tests {
                 midlife: false,
                 cpu: 0,
                 owner,
+                meta: Default::default(),
+                kind: Default::default(),
             },
             in_old_state_ns: in_old,
             owner,
