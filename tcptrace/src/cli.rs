@@ -98,6 +98,13 @@ pub struct KernelArgs {
     /// Kernel ring-buffer size in MiB (a power of two).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024), env = "TCPTRACE_RING_MB")]
     pub ring_mb: u32,
+    /// Don't follow TIME_WAIT (timewait sockets, through the timer tracepoints): lifecycles
+    /// then end at FIN_WAIT2/CLOSING -> CLOSE, as the state tracepoint reports them.
+    #[arg(long, env = "TCPTRACE_NO_TIMEWAIT")]
+    pub no_timewait: bool,
+    /// Don't take the start-up snapshot of the TCP sockets that already exist.
+    #[arg(long, env = "TCPTRACE_NO_SNAPSHOT")]
+    pub no_snapshot: bool,
 }
 
 /// Lifecycle-engine and anomaly-rule settings shared by live tracing, analyze and demo.

@@ -85,6 +85,8 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         duration: Some(Duration::from_secs(60)),
         on_ready: Some(on_ready),
         drop_caps: false,
+        snapshot: None,
+        cgroups: Default::default(),
         metrics: None,
     };
     let (stop, summary) = run(&mut pipeline, opts).await?;

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use clap::Args;
 use tcptrace_common::{
-    AF_INET, AF_INET6, Cidr, FILTER_COMM, FILTER_FAMILY, FILTER_LADDR, FILTER_PID, FILTER_PORTS,
-    FILTER_RADDR, Filter, MAX_FILTER_PORTS,
+    AF_INET, AF_INET6, Cidr, FILTER_COMM, FILTER_FAMILY, FILTER_LADDR, FILTER_NETNS, FILTER_PID,
+    FILTER_PORTS, FILTER_RADDR, Filter, MAX_FILTER_PORTS,
 };
 
 /// Filters evaluated in the eBPF program: what they drop never reaches the ring buffer.
@@ -46,12 +46,65 @@ pub struct FilterArgs {
     /// Keep connections owned by a process with this command name (at most 15 bytes).
     #[arg(long, env = "TCPTRACE_COMM")]
     pub comm: Option<String>,
+    /// Keep sockets of this network namespace: a path to it (/run/netns/NAME,
+    /// /proc/PID/ns/net) or its inode number as `ip netns`/`lsns` show it.
+    #[arg(long, value_name = "NETNS", value_parser = parse_netns, env = "TCPTRACE_NETNS")]
+    pub netns: Option<u32>,
+    /// Keep connections whose owner is in this cgroup (v2) or below it: a path relative
+    /// to the cgroup v2 mount, or absolute. Applied in the daemon, not the kernel.
+    #[arg(long, value_name = "PATH", env = "TCPTRACE_CGROUP")]
+    pub cgroup: Option<String>,
+    /// Keep connections whose owner runs in this container (id or a prefix of 4+ hex
+    /// digits, found in the owner's cgroup path). Applied in the daemon, not the kernel.
+    #[arg(long, value_name = "ID", env = "TCPTRACE_CONTAINER")]
+    pub container: Option<String>,
+}
+
+/// A network namespace named by path (its inode), by number, or as `net:[N]`.
+pub fn parse_netns(s: &str) -> Result<u32, String> {
+    let digits = s
+        .strip_prefix("net:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    if let Ok(n) = digits.parse::<u32>() {
+        return Ok(n);
+    }
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(s).map_err(|e| {
+        format!("--netns {s:?}: not a namespace inode number nor a readable namespace path ({e})")
+    })?;
+    u32::try_from(m.ino()).map_err(|_| format!("--netns {s:?}: inode {} is too large", m.ino()))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CidrArg {
     pub addr: IpAddr,
     pub prefix_len: u8,
+}
+
+impl CidrArg {
+    /// Whether `ip` is inside the prefix, as the kernel filter decides it (a v4 prefix also
+    /// matches a v4 address shown as such after unmapping).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (a, b): (Vec<u8>, Vec<u8>) = match (self.addr, ip) {
+            (IpAddr::V4(p), IpAddr::V4(x)) => (p.octets().to_vec(), x.octets().to_vec()),
+            (IpAddr::V6(p), IpAddr::V6(x)) => (p.octets().to_vec(), x.octets().to_vec()),
+            _ => return false,
+        };
+        let mut bits = u32::from(self.prefix_len);
+        for (x, y) in a.iter().zip(&b) {
+            if bits == 0 {
+                break;
+            }
+            let take = bits.min(8);
+            let mask = (0xffu16 << (8 - take)) as u8;
+            if (x ^ y) & mask != 0 {
+                return false;
+            }
+            bits -= take;
+        }
+        true
+    }
 }
 
 pub fn parse_cidr(s: &str) -> Result<CidrArg, String> {
@@ -135,6 +188,10 @@ impl FilterArgs {
             f.flags |= FILTER_COMM;
             f.comm[..comm.len()].copy_from_slice(comm.as_bytes());
         }
+        if let Some(ns) = self.netns {
+            f.flags |= FILTER_NETNS;
+            f.netns = ns;
+        }
         Ok(f)
     }
 }
@@ -142,6 +199,41 @@ impl FilterArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidr_contains() {
+        let c = parse_cidr("10.1.0.0/16").unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        assert!(parse_cidr("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(
+            parse_cidr("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn netns_by_number_path_or_lsns_form() {
+        assert_eq!(parse_netns("4026531840"), Ok(4026531840));
+        assert_eq!(parse_netns("net:[4026531840]"), Ok(4026531840));
+        use std::os::unix::fs::MetadataExt;
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
+        assert_eq!(parse_netns("/proc/self/ns/net"), Ok(own));
+        let e = parse_netns("/no/such/netns").unwrap_err();
+        assert!(
+            e.starts_with("--netns \"/no/such/netns\": not a namespace"),
+            "{e}"
+        );
+        let f = FilterArgs {
+            netns: Some(7),
+            ..FilterArgs::default()
+        }
+        .to_kernel()
+        .unwrap();
+        assert_eq!((f.flags, f.netns), (FILTER_NETNS, 7));
+    }
 
     #[test]
     fn cidrs_parse_with_and_without_prefix() {

@@ -52,12 +52,43 @@ pub struct LeakyServer {
 impl LeakyServer {
     /// Starts `exe leaky-server --bind <bind>` and waits for its address.
     pub fn spawn(exe: &std::path::Path, bind: &str) -> std::io::Result<LeakyServer> {
-        let mut child = Command::new(exe)
-            .args(["leaky-server", "--bind", bind])
+        Self::spawn_in(exe, bind, None)
+    }
+
+    /// As [`spawn`](Self::spawn), with the child moved into the cgroup whose
+    /// `cgroup.procs` file is given before it runs (so before it listens).
+    pub fn spawn_in(
+        exe: &std::path::Path,
+        bind: &str,
+        cgroup_procs: Option<&std::path::Path>,
+    ) -> std::io::Result<LeakyServer> {
+        let mut cmd = Command::new(exe);
+        cmd.args(["leaky-server", "--bind", bind])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+            .stderr(Stdio::inherit());
+        if let Some(procs) = cgroup_procs {
+            let procs = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())
+                .map_err(std::io::Error::other)?;
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // "0" moves the writing process itself.
+                    let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    libc::close(fd);
+                    if n != 2 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;

@@ -5,6 +5,7 @@
 //! and [`analyze`] drive the same [`pipeline`], live from the kernel or from a recorded log.
 
 pub mod analyze;
+pub mod cgroup;
 pub mod cli;
 pub mod decode;
 pub mod demo;
@@ -12,11 +13,14 @@ pub mod engine;
 pub mod event;
 pub mod filter;
 pub mod kernel;
+pub mod kernel_btf;
 pub mod leaky;
 pub mod live;
 pub mod metrics_http;
 pub mod output;
 pub mod pipeline;
+pub mod preexisting;
 pub mod rules;
 pub mod sink;
+pub mod snapshot;
 pub mod tracefs;

@@ -7,15 +7,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::cgroup::{Annotator, CgroupFilter};
 use crate::cli::{FileFormat, TraceArgs, View};
 use crate::decode::decode;
 use crate::engine::{Engine, Output};
 use crate::kernel::{self, KernelCounters, Tracer, TracerConfig};
 use crate::pipeline::{Pipeline, engine_config};
+use crate::preexisting::{Adopted, Adopter};
 use crate::sink::ndjson::Ndjson;
 use crate::sink::terminal::Terminal;
 use crate::sink::time::WallClock;
 use crate::sink::{Loss, RunSummary, Sink};
+use crate::snapshot;
 
 /// How long the reader sleeps when the kernel does not wake it (the kernel wakes it only
 /// past a fill threshold): the bound on how late a lone transition is printed.
@@ -41,6 +44,11 @@ pub struct LiveOptions {
     /// Drop every capability once attached (the daemon's default; the demo keeps them to
     /// start its child processes, tests that load several tracers keep them too).
     pub drop_caps: bool,
+    /// Take the start-up snapshot of existing sockets, kept by these filters (the kernel's
+    /// own filters, applied in userspace to the snapshot). None: only what happens live.
+    pub snapshot: Option<crate::filter::FilterArgs>,
+    /// `--cgroup`/`--container`, applied in the daemon.
+    pub cgroups: CgroupFilter,
 }
 
 /// Builds the sinks a `TraceArgs` asks for.
@@ -89,12 +97,19 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
         tracer: TracerConfig {
             ring_bytes: args.kernel.ring_mb.next_power_of_two() << 20,
             filter,
+            timewait: !args.kernel.no_timewait,
             ..TracerConfig::default()
         },
         duration: args.duration,
         on_ready: None,
         drop_caps: true,
         metrics,
+        snapshot: (!args.kernel.no_snapshot).then(|| args.filter.clone()),
+        cgroups: CgroupFilter::new(
+            args.filter.cgroup.as_deref(),
+            args.filter.container.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?,
     };
     let (stop, summary) = run(&mut pipeline, opts).await?;
     match pipeline.summary(&summary) {
@@ -116,6 +131,37 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
 pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop, RunSummary)> {
     let started = Instant::now();
     let mut tracer = Tracer::start(opts.tracer)?;
+    for w in tracer.warnings() {
+        log::warn!("{w}");
+    }
+    // After attaching, so that nothing falls between the snapshot and the live stream;
+    // before dropping capabilities, which reading other processes' fds and entering
+    // their namespaces need.
+    let mut adopter = Adopter::default();
+    let mut annotator = Annotator::new(std::mem::take(&mut opts.cgroups));
+    if let Some(filter) = &opts.snapshot {
+        match snapshot::take() {
+            Ok(snap) => {
+                for e in &snap.errors {
+                    log::warn!("start-up snapshot: {e}");
+                }
+                let seeds = adopter.seed(&snap, filter, snap.taken_mono_start_ns);
+                log::info!(
+                    "start-up snapshot: {} TCP sockets already open ({} kept)",
+                    snap.sockets.len(),
+                    seeds.len()
+                );
+                for mut t in seeds {
+                    if annotator.annotate(&mut t) {
+                        pipeline.feed(&t).context("writing output")?;
+                    }
+                }
+            }
+            Err(e) => log::warn!(
+                "start-up snapshot failed ({e}): sockets opened before tcptrace are seen only when they change state"
+            ),
+        }
+    }
     if opts.drop_caps {
         kernel::drop_capabilities().map_err(anyhow::Error::msg)?;
     }
@@ -146,7 +192,13 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
                 }
             } => Some(Stop::Duration),
         };
-        let r = drain(&mut tracer, pipeline, &mut decode_errors);
+        let r = drain(
+            &mut tracer,
+            pipeline,
+            &mut adopter,
+            &mut annotator,
+            &mut decode_errors,
+        );
         let r = r.and_then(|()| {
             if last_tick.elapsed() >= TICK_INTERVAL {
                 last_tick = Instant::now();
@@ -172,7 +224,14 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
     };
     // What is already in the ring buffer was captured: it goes out before we stop.
     if stop != Stop::BrokenPipe {
-        drain(&mut tracer, pipeline, &mut decode_errors).context("writing output")?;
+        drain(
+            &mut tracer,
+            pipeline,
+            &mut adopter,
+            &mut annotator,
+            &mut decode_errors,
+        )
+        .context("writing output")?;
         pipeline
             .finish(kernel::monotonic_ns())
             .context("writing output")?;
@@ -199,11 +258,26 @@ fn loss(k: &KernelCounters, decode_errors: u64) -> Loss {
     }
 }
 
-fn drain(tracer: &mut Tracer, pipeline: &mut Pipeline, decode_errors: &mut u64) -> io::Result<()> {
+fn drain(
+    tracer: &mut Tracer,
+    pipeline: &mut Pipeline,
+    adopter: &mut Adopter,
+    annotator: &mut Annotator,
+    decode_errors: &mut u64,
+) -> io::Result<()> {
     let mut result = Ok(());
     tracer.drain(|bytes| match decode(bytes) {
-        Ok(t) => {
-            if let Err(e) = pipeline.feed(&t) {
+        Ok(mut t) => {
+            if !annotator.annotate(&mut t) {
+                return;
+            }
+            let r = match adopter.adopt(&mut t) {
+                Adopted::Feed => pipeline.feed(&t),
+                Adopted::ForgetSeedThenFeed(seed) => pipeline
+                    .forget(seed, t.ts_ns)
+                    .and_then(|()| pipeline.feed(&t)),
+            };
+            if let Err(e) = r {
                 result = Err(e);
             }
         }

@@ -43,8 +43,15 @@ fn churn(n: usize) -> u16 {
     port
 }
 
-/// Starts the tracer and waits until it is attached (it logs so on stderr).
+/// Starts the tracer without TIME_WAIT (so that the tests' active closers end within the
+/// run, as FIN_WAIT2 → CLOSE) and waits until it is attached (it logs so on stderr).
 fn start(args: &[&str], stdout: Stdio) -> Child {
+    let mut all = vec!["--no-timewait"];
+    all.extend_from_slice(args);
+    start_exactly(&all, stdout)
+}
+
+fn start_exactly(args: &[&str], stdout: Stdio) -> Child {
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "info")
@@ -144,6 +151,66 @@ fn transitions_on(lines: &[serde_json::Value], port: u16) -> usize {
         .iter()
         .filter(|v| v["type"] == "transition" && (v["lport"] == port || v["rport"] == port))
         .count()
+}
+
+/// The daemon as users run it (TIME_WAIT followed, snapshot taken): the NDJSON log has the
+/// accept, the client's FIN_WAIT2 → TIME_WAIT, and `present` records for sockets opened
+/// before it started; `analyze` replays them.
+#[test]
+fn default_daemon_logs_accepts_time_wait_and_sockets_present_at_start() {
+    let Some(_g) = kernel_guard() else { return };
+    let d = tmpdir("defaults");
+    let out = d.join("trace.ndjson");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (held_server, _) = l.accept().unwrap();
+    let child = start_exactly(
+        &["--view", "none", "--output", out.to_str().unwrap()],
+        Stdio::null(),
+    );
+    // The client shuts down its side first and keeps its socket until the server closes:
+    // FIN_WAIT2 → TIME_WAIT, deterministically.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let cport = c.local_addr().unwrap().port();
+    let (mut s, _) = l.accept().unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0);
+    drop(s);
+    assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0);
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+    stop(child);
+    let lines = ndjson_lines(&out);
+    let on = |v: &&serde_json::Value| v["lport"] == port || v["rport"] == port;
+    let present: Vec<_> = lines
+        .iter()
+        .filter(|v| v["type"] == "present")
+        .filter(on)
+        .collect();
+    // The listener and both ends of the held connection, owned by this process.
+    assert_eq!(present.len(), 3, "{present:#?}");
+    assert!(
+        present
+            .iter()
+            .all(|v| v["owner_pid"] == std::process::id() && v["owner_via"] == "fd")
+    );
+    let accepts: Vec<_> = lines
+        .iter()
+        .filter(|v| v["type"] == "accept")
+        .filter(on)
+        .collect();
+    assert_eq!(accepts.len(), 1, "{accepts:#?}");
+    assert_eq!(accepts[0]["owner_via"], "accept");
+    let tw: Vec<_> = lines
+        .iter()
+        .filter(|v| v["type"] == "transition" && v["lport"] == cport && v["new"] == "TIME_WAIT")
+        .collect();
+    assert_eq!(tw.len(), 1, "the client's FIN_WAIT2 -> TIME_WAIT");
+    assert_eq!(tw[0]["old"], "FIN_WAIT2");
+    let o = run(&["analyze", out.to_str().unwrap(), "--view", "none"]);
+    assert!(o.status.success(), "{}", show("analyze", &o));
+    drop((held, held_server));
 }
 
 #[test]
@@ -408,10 +475,19 @@ fn a_full_disk_is_reported_once_and_tracing_goes_on() {
         .lines()
         .filter(|l| l.contains(&format!(":{port} ")))
         .count();
+    // 10 transitions and an accept per connection, and the listener's 2.
     assert_eq!(
         on_port,
-        5 * 10 + 2,
+        5 * 11 + 2,
         "the terminal still got everything:\n{printed}"
+    );
+    assert_eq!(
+        printed
+            .lines()
+            .filter(|l| l.contains(&format!(":{port} ")) && l.contains("accepted in ESTABLISHED"))
+            .count(),
+        5,
+        "{printed}"
     );
     let err = stderr_so_far();
     let reports: Vec<&str> = err.lines().filter(|l| l.contains("/dev/full")).collect();
