@@ -115,7 +115,9 @@ impl OutputFile {
     /// Housekeeping that may only happen between lines: SIGHUP reopen, rotation, and
     /// retrying a file that failed.
     fn at_boundary(&mut self) {
-        if REOPEN.swap(false, Ordering::Relaxed)
+        // A plain load first: this runs once per line, the swap (a locked write) once per HUP.
+        if REOPEN.load(Ordering::Relaxed)
+            && REOPEN.swap(false, Ordering::Relaxed)
             && let Err(e) = self.reopen()
         {
             self.report("reopening", &e);

@@ -72,22 +72,31 @@ impl Pipeline {
 
     fn dispatch(&mut self) -> io::Result<()> {
         let mut result = Ok(());
-        for o in self.outs.drain(..) {
+        // By reference, then cleared: an output is a few hundred bytes, not worth moving.
+        for o in &self.outs {
             for tap in &mut self.taps {
-                tap(&o);
+                tap(o);
             }
             for s in &mut self.sinks {
-                if let Err(e) = s.record(&o) {
+                if let Err(e) = s.record(o) {
                     result = Err(e);
                 }
             }
         }
+        self.outs.clear();
         result
     }
 
     pub fn feed(&mut self, t: &Transition) -> io::Result<()> {
-        self.transitions += 1;
+        // accept() and timewait handoffs are events, not state changes.
+        self.transitions += u64::from(t.kind == crate::event::EventKind::State);
         self.engine.on_transition(t, &mut self.outs);
+        self.dispatch()
+    }
+
+    /// Drops a duplicate identity (see `Engine::forget`).
+    pub fn forget(&mut self, conn_id: u64, now_ns: u64) -> io::Result<()> {
+        self.engine.forget(conn_id, now_ns, &mut self.outs);
         self.dispatch()
     }
 

@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: the overhead of tracing, measured side by side. A loopback churn load
-//! runs untraced, traced by tcptrace and traced by bcc's tcpstates, interleaved over several
-//! rounds; each traced rate is compared with the untraced rate of its own round.
+//! runs untraced, traced by tcptrace, traced by tcptrace with an in-kernel filter that drops
+//! every event (the cost of a filtered-out event) and traced by bcc's tcpstates, interleaved
+//! over several rounds; each traced rate is compared with the untraced rate of its own round.
+//! `--soak` instead runs tcptrace under the load for minutes and follows its memory.
 
 mod bcc;
 mod contenders;
@@ -8,6 +10,7 @@ mod count;
 mod extra;
 mod load;
 mod report;
+mod soak;
 mod sysctl;
 mod tracer;
 
@@ -56,22 +59,65 @@ pub struct BenchArgs {
     /// Use target/release/tcptrace as it is instead of building it first.
     #[arg(long)]
     no_build: bool,
+    /// Leave out the tcptrace run whose in-kernel filter drops every event.
+    #[arg(long)]
+    skip_filtered: bool,
+    /// Instead of the rounds: one tcptrace daemon under the load for this long (e.g. 5m,
+    /// 300s), its RSS sampled every few seconds; reports first/last/max RSS and the loss.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    soak: Option<Duration>,
+    /// Connections held open in the engine for the memory figure.
+    #[arg(long, default_value_t = 1_000_000)]
+    memory_connections: u64,
+}
+
+/// `5m`, `300s`, `1h`, `90` (seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 300s, 5m, 1h)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" | "min" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m or h)")),
+    };
+    Ok(Duration::from_secs(secs))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tracer {
     Untraced,
     Tcptrace,
+    /// tcptrace with `--port 1`: every event is dropped in the kernel, after the program
+    /// has read it; what remains is the cost of a filtered-out event.
+    TcptraceFiltered,
     Bcc,
 }
 
 impl Tracer {
+    pub const ALL: [Tracer; 4] = [
+        Tracer::Untraced,
+        Tracer::Tcptrace,
+        Tracer::TcptraceFiltered,
+        Tracer::Bcc,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Tracer::Untraced => "untraced",
             Tracer::Tcptrace => "tcptrace",
+            Tracer::TcptraceFiltered => "tcptrace filtered",
             Tracer::Bcc => "bcc tcpstates",
         }
+    }
+
+    /// Whether the tracer is meant to report the load's events (a filtered one is not).
+    pub fn reports_events(self) -> bool {
+        matches!(self, Tracer::Tcptrace | Tracer::Bcc)
     }
 }
 
@@ -145,7 +191,9 @@ pub fn run(mut args: BenchArgs, workspace: &Path) -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
 
-    let mut contenders = Contenders::prepare(workspace, args.no_build, args.skip_bcc);
+    let skip_bcc = args.skip_bcc || args.soak.is_some();
+    let mut contenders =
+        Contenders::prepare(workspace, args.no_build, skip_bcc, args.skip_filtered);
     let ports = load::pick_ports(args.ports)?;
     let load_cfg = LoadConfig {
         ports: ports.clone(),
@@ -157,6 +205,41 @@ pub fn run(mut args: BenchArgs, workspace: &Path) -> Result<()> {
     let tw_reuse = tw_guard.describe();
     let bpf_stats = sysctl::BpfStats::enable();
     let bpf_stats_enabled = bpf_stats.enabled();
+    if let Some(length) = args.soak {
+        let Some(bin) = contenders.tcptrace.clone() else {
+            bail!(
+                "the soak needs tcptrace: {}",
+                contenders
+                    .unavailable
+                    .iter()
+                    .map(|(t, why)| format!("{}: {why}", t.label()))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        };
+        let soak_cfg = LoadConfig {
+            duration: length,
+            ..load_cfg.clone()
+        };
+        let result = soak::run(&bin, &soak_cfg, &raw, args.tracer_nice, &ABORT);
+        drop(tw_guard);
+        drop(bpf_stats);
+        remove_big_files(&raw);
+        let soak = result?;
+        print!("{}", soak::table(&soak, &command, &tw_reuse));
+        let json_path = out_dir.join("soak.json");
+        std::fs::write(
+            &json_path,
+            serde_json::to_string_pretty(&soak::json(&soak, &command))?,
+        )
+        .with_context(|| format!("write {}", json_path.display()))?;
+        println!("results: {}", json_path.display());
+        if ABORT.load(Ordering::Relaxed) {
+            eprintln!("bench: interrupted; partial results above");
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
 
     // The first seconds of churn on an idle machine run faster (no TIME_WAIT yet), which
     // would favour whichever tracer goes first; a warm-up run that is not counted fills it.
@@ -310,8 +393,12 @@ fn extra_figures(
 ) -> Vec<extra::Figure> {
     let runs = if args.quick { 1 } else { 3 };
     eprintln!("bench: replay throughput");
-    vec![
-        extra::replay_throughput(tcptrace, replay_log.map(|(p, n)| (p.as_path(), *n)), runs),
-        extra::engine_memory_per_connection(),
-    ]
+    let replay =
+        extra::replay_throughput(tcptrace, replay_log.map(|(p, n)| (p.as_path(), *n)), runs);
+    eprintln!(
+        "bench: engine memory at {} open connections",
+        args.memory_connections
+    );
+    let memory = extra::engine_memory_per_connection(tcptrace, args.memory_connections);
+    vec![replay, memory]
 }

@@ -63,7 +63,8 @@ pub fn row(clock: &WallClock, out: &Output) -> CsvRow {
         Output::Transition(r) => {
             let t = &r.t;
             CsvRow {
-                kind: "transition".into(),
+                // As NDJSON's `type`: `transition`, or the kind of an event that changes no state.
+                kind: t.kind.record_type().into(),
                 schema: SCHEMA_VERSION,
                 time: clock.rfc3339(t.ts_ns),
                 ts_ns: t.ts_ns,
@@ -221,6 +222,8 @@ mod tests {
                 midlife: false,
                 cpu: 0,
                 owner: Some(owner),
+                meta: Default::default(),
+                kind: Default::default(),
             };
             engine.on_transition(&t, &mut out);
         }
@@ -238,6 +241,8 @@ mod tests {
                 midlife: false,
                 cpu: 1,
                 owner: Some(owner),
+                meta: Default::default(),
+                kind: Default::default(),
             };
             engine.on_transition(&t, &mut out);
         }

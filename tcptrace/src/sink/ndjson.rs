@@ -1,24 +1,30 @@
-//! NDJSON: one JSON object per line, each with a `type` (`transition`, `lifecycle`,
-//! `alert`, `summary`) and the `schema` version. Transitions, the hot path, are encoded by
-//! hand into a reused buffer; the rare records go through serde. [`parse_transition`]
-//! reads a transition line back, for `tcptrace analyze`.
+//! NDJSON: one JSON object per line, each with a `type` (`transition`, `accept`,
+//! `lifecycle`, `alert`, `summary`) and the `schema` version. Transitions, the hot path, are
+//! encoded by hand into a reused byte buffer, without `fmt`; the rare records go through
+//! serde. [`parse_transition`] (in `parse`) reads a transition line back, for `tcptrace analyze`.
 
-use std::borrow::Cow;
-use std::fmt::Write as _;
+mod parse;
+
 use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+pub use self::parse::{
+    ParseError, parse_transition, parse_transition_bytes, parse_transition_json,
+};
 use super::time::{Rfc3339Cache, WallClock};
 use super::{RunSummary, SCHEMA_VERSION, Sink};
 use crate::engine::{Output, Role, TransitionRecord};
-use crate::event::{Comm, Task, TcpState, Transition};
+use crate::event::{Comm, EventKind, OwnerVia};
 
 pub struct Ndjson<W: Write> {
     out: W,
     clock: WallClock,
-    line: String,
+    /// Scratch for one line: a transition is written into it, or a serde record, and the
+    /// line goes to `out` in one write.
+    line: Box<[u8; MAX_LINE]>,
+    rare: Vec<u8>,
     times: Rfc3339Cache,
 }
 
@@ -27,7 +33,8 @@ impl<W: Write> Ndjson<W> {
         Ndjson {
             out,
             clock,
-            line: String::with_capacity(512),
+            line: Box::new([0; MAX_LINE]),
+            rare: Vec::with_capacity(4096),
             times: Rfc3339Cache::default(),
         }
     }
@@ -41,19 +48,169 @@ impl<W: Write> Ndjson<W> {
     }
 }
 
-fn push_json_str(buf: &mut String, s: &str) {
-    buf.push('"');
+/// Room for the longest transition line: some 450 bytes of fixed text, 14 numbers of at
+/// most 20 digits, two IPv6 addresses, two command names escaped at worst (15 × 6 bytes);
+/// well under 1.5 KiB. Pieces are copied in fixed sizes (up to 20 bytes past the text).
+pub const MAX_LINE: usize = 2048;
+
+/// A line being written into a fixed buffer: every piece is a copy of a size known at compile
+/// time (inlined moves, no memcpy calls, no capacity checks), the cursor advancing by the
+/// piece's real length.
+pub struct Cursor<'a> {
+    b: &'a mut [u8; MAX_LINE],
+    n: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(b: &'a mut [u8; MAX_LINE]) -> Cursor<'a> {
+        Cursor { b, n: 0 }
+    }
+
+    pub fn written(&self) -> &[u8] {
+        &self.b[..self.n]
+    }
+
+    #[inline(always)]
+    fn put<const N: usize>(&mut self, s: &[u8; N]) {
+        self.b[self.n..self.n + N].copy_from_slice(s);
+        self.n += N;
+    }
+
+    /// A short piece of any length (names, the rare escaped or IPv6 text).
+    #[inline(always)]
+    fn put_slice(&mut self, s: &[u8]) {
+        self.b[self.n..self.n + s.len()].copy_from_slice(s);
+        self.n += s.len();
+    }
+
+    /// Decimal text of `n` (what `{n}` writes), without `fmt`.
+    #[inline(always)]
+    fn u64(&mut self, n: u64) {
+        const E16: u64 = 10_000_000_000_000_000;
+        if n >= E16 {
+            // Seventeen digits or more (rare: a cgroup id, a clock far from boot).
+            let high = n / E16;
+            self.put16(ascii_digits(high, digits(high)), digits(high));
+            self.put16(ascii_digits(n % E16, 16), 16);
+        } else {
+            self.put16(ascii_digits(n, digits(n)), digits(n));
+        }
+    }
+
+    /// Stores all sixteen bytes of `w`, keeps `len` of them.
+    #[inline(always)]
+    fn put16(&mut self, w: u128, len: usize) {
+        self.b[self.n..self.n + 16].copy_from_slice(&w.to_le_bytes());
+        self.n += len;
+    }
+
+    /// `0x…` lower-case hex (what `{:#x}` writes).
+    #[inline(always)]
+    fn hex(&mut self, mut n: u64) {
+        let len = (64 - n.leading_zeros() as usize).div_ceil(4).max(1);
+        let mut acc = 0u128;
+        for k in (0..len).rev() {
+            let d = (n & 0xf) as u8;
+            acc |= u128::from(if d < 10 { b'0' + d } else { b'a' - 10 + d }) << (8 * k);
+            n >>= 4;
+        }
+        self.put(b"0x");
+        self.put16(acc, len);
+    }
+
+    fn bool(&mut self, b: bool) {
+        if b {
+            self.put(b"true");
+        } else {
+            self.put(b"false");
+        }
+    }
+
+    fn opt(&mut self, v: Option<u64>) {
+        match v {
+            Some(n) => self.u64(n),
+            None => self.put(b"null"),
+        }
+    }
+
+    /// An address as `Display` writes it; IPv4, the common case, without `fmt`.
+    #[inline(always)]
+    fn ip(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => {
+                let [a, b, c, d] = a.octets();
+                self.u64(u64::from(a));
+                self.put(b".");
+                self.u64(u64::from(b));
+                self.put(b".");
+                self.u64(u64::from(c));
+                self.put(b".");
+                self.u64(u64::from(d));
+            }
+            IpAddr::V6(a) => {
+                let mut text = Vec::with_capacity(48);
+                let _ = write!(text, "{a}");
+                self.put_slice(&text);
+            }
+        }
+    }
+
+    /// A command name as a JSON string: printable ASCII (nearly always) is copied as is; the
+    /// rest goes through the escaping writer.
+    #[inline(always)]
+    fn comm(&mut self, comm: &Comm) {
+        let len = comm.0.iter().position(|&c| c == 0).unwrap_or(comm.0.len());
+        let plain = comm.0[..len]
+            .iter()
+            .all(|&c| (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\');
+        if plain {
+            self.put(b"\"");
+            self.b[self.n..self.n + 16].copy_from_slice(&comm.0);
+            self.n += len;
+            self.put(b"\"");
+        } else {
+            let mut text = Vec::with_capacity(96);
+            push_json_str(&mut text, &comm.as_str());
+            self.put_slice(&text);
+        }
+    }
+}
+
+/// How many decimal digits `n` has.
+#[inline(always)]
+fn digits(n: u64) -> usize {
+    n.checked_ilog10().unwrap_or(0) as usize + 1
+}
+
+/// The last `len` (at most 16) decimal digits of `n` as ASCII, first digit in the lowest
+/// byte, built in a register: written byte by byte into memory and then copied, they would
+/// stall the copy on store forwarding.
+#[inline(always)]
+pub(crate) fn ascii_digits(mut n: u64, len: usize) -> u128 {
+    let mut acc = u128::from_le_bytes([b'0'; 16]);
+    for k in (0..len).rev() {
+        acc |= u128::from((n % 10) as u8) << (8 * k);
+        n /= 10;
+    }
+    acc
+}
+
+fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+    buf.push(b'"');
     for c in s.chars() {
         match c {
-            '"' => buf.push_str("\\\""),
-            '\\' => buf.push_str("\\\\"),
+            '"' => buf.extend_from_slice(b"\\\""),
+            '\\' => buf.extend_from_slice(b"\\\\"),
             c if (c as u32) < 0x20 => {
                 let _ = write!(buf, "\\u{:04x}", c as u32);
             }
-            c => buf.push(c),
+            c => {
+                let mut utf8 = [0u8; 4];
+                buf.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            }
         }
     }
-    buf.push('"');
+    buf.push(b'"');
 }
 
 fn role_name(r: Role) -> &'static str {
@@ -67,76 +224,111 @@ fn role_name(r: Role) -> &'static str {
 
 /// Appends one transition line (with its newline) to `buf`.
 pub fn encode_transition(buf: &mut String, clock: &WallClock, r: &TransitionRecord) {
-    encode_transition_with(buf, clock, &mut Rfc3339Cache::default(), r);
+    let mut line = Box::new([0u8; MAX_LINE]);
+    let mut c = Cursor::new(&mut line);
+    encode_transition_into(&mut c, clock, &mut Rfc3339Cache::default(), r);
+    buf.push_str(std::str::from_utf8(c.written()).expect("the encoder writes UTF-8"));
 }
 
-/// As [`encode_transition`], reusing a timestamp cache across a stream of lines.
-pub fn encode_transition_with(
-    buf: &mut String,
+/// As [`encode_transition`], into a line buffer, reusing a timestamp cache across a stream.
+pub fn encode_transition_into(
+    c: &mut Cursor<'_>,
     clock: &WallClock,
     times: &mut Rfc3339Cache,
     r: &TransitionRecord,
 ) {
     let t = &r.t;
-    let _ = write!(
-        buf,
-        "{{\"type\":\"transition\",\"schema\":{SCHEMA_VERSION},\"ts_ns\":{},\"time\":\"",
-        t.ts_ns
-    );
-    times.push(clock, t.ts_ns, buf);
-    let _ = write!(
-        buf,
-        "\",\"conn_id\":{},\"skaddr\":\"{:#x}\",\"family\":\"{}\",\"laddr\":\"{}\",\"lport\":{},\"raddr\":\"{}\",\"rport\":{},\"old\":\"{}\",\"new\":\"{}\",\"in_old_state_ns\":",
-        t.conn_id,
-        t.skaddr,
-        if t.local.is_ipv6() { "ipv6" } else { "ipv4" },
-        t.local.ip(),
-        t.local.port(),
-        t.remote.ip(),
-        t.remote.port(),
-        t.old.name(),
-        t.new.name(),
-    );
-    match r.in_old_state_ns {
-        Some(ns) => {
-            let _ = write!(buf, "{ns}");
-        }
-        None => buf.push_str("null"),
+    // `transition`, or `accept`/`handoff`/`present` for the events that change no state.
+    match t.kind {
+        EventKind::State => c.put(b"{\"type\":\"transition\",\"schema\":"),
+        EventKind::Accept => c.put(b"{\"type\":\"accept\",\"schema\":"),
+        EventKind::Handoff => c.put(b"{\"type\":\"handoff\",\"schema\":"),
+        EventKind::Present => c.put(b"{\"type\":\"present\",\"schema\":"),
     }
+    c.u64(u64::from(SCHEMA_VERSION));
+    c.put(b",\"ts_ns\":");
+    c.u64(t.ts_ns);
+    c.put(b",\"time\":\"");
+    c.n += times.put(clock, t.ts_ns, &mut c.b[c.n..]);
+    c.put(b"\",\"conn_id\":");
+    c.u64(t.conn_id);
+    c.put(b",\"skaddr\":\"");
+    c.hex(t.skaddr);
+    if t.local.is_ipv6() {
+        c.put(b"\",\"family\":\"ipv6\",\"laddr\":\"");
+    } else {
+        c.put(b"\",\"family\":\"ipv4\",\"laddr\":\"");
+    }
+    c.ip(t.local.ip());
+    c.put(b"\",\"lport\":");
+    c.u64(u64::from(t.local.port()));
+    c.put(b",\"raddr\":\"");
+    c.ip(t.remote.ip());
+    c.put(b"\",\"rport\":");
+    c.u64(u64::from(t.remote.port()));
+    c.put(b",\"old\":\"");
+    c.put_slice(t.old.name().as_bytes());
+    c.put(b"\",\"new\":\"");
+    c.put_slice(t.new.name().as_bytes());
+    c.put(b"\",\"in_old_state_ns\":");
+    c.opt(r.in_old_state_ns);
     match r.owner {
         Some(o) => {
-            let _ = write!(
-                buf,
-                ",\"owner_pid\":{},\"owner_tid\":{},\"owner_comm\":",
-                o.pid, o.tid
-            );
-            push_json_str(buf, &o.comm.as_str());
+            c.put(b",\"owner_pid\":");
+            c.u64(u64::from(o.pid));
+            c.put(b",\"owner_tid\":");
+            c.u64(u64::from(o.tid));
+            c.put(b",\"owner_comm\":");
+            c.comm(&o.comm);
         }
-        None => buf.push_str(",\"owner_pid\":null,\"owner_tid\":null,\"owner_comm\":null"),
+        None => c.put(b",\"owner_pid\":null,\"owner_tid\":null,\"owner_comm\":null"),
     }
     // Where the owner came from: recorded by the kernel in the owner's own context, or
     // inferred by the engine (an accepted socket's listener). Replay uses only the former.
-    let src = match (t.owner, r.owner) {
-        (Some(_), _) => "kernel",
-        (None, Some(_)) => "inferred",
-        (None, None) => "unknown",
-    };
-    let _ = write!(
-        buf,
-        ",\"owner_source\":\"{src}\",\"task_pid\":{},\"task_tid\":{},\"task_comm\":",
-        t.task.pid, t.task.tid
-    );
-    push_json_str(buf, &t.task.comm.as_str());
-    let _ = writeln!(
-        buf,
-        ",\"role\":\"{}\",\"legal\":{},\"gap\":{},\"starts_conn\":{},\"midlife\":{},\"cpu\":{}}}",
-        role_name(r.role),
-        r.legal,
-        r.gap,
-        t.starts_conn,
-        t.midlife,
-        t.cpu
-    );
+    match (t.owner, r.owner) {
+        (Some(_), _) => c.put(b",\"owner_source\":\"kernel\",\"task_pid\":"),
+        (None, Some(_)) => c.put(b",\"owner_source\":\"inferred\",\"task_pid\":"),
+        (None, None) => c.put(b",\"owner_source\":\"unknown\",\"task_pid\":"),
+    }
+    c.u64(u64::from(t.task.pid));
+    c.put(b",\"task_tid\":");
+    c.u64(u64::from(t.task.tid));
+    c.put(b",\"task_comm\":");
+    c.comm(&t.task.comm);
+    c.put(b",\"role\":\"");
+    c.put_slice(role_name(r.role).as_bytes());
+    c.put(b"\",\"legal\":");
+    c.bool(r.legal);
+    c.put(b",\"gap\":");
+    c.bool(r.gap);
+    c.put(b",\"starts_conn\":");
+    c.bool(t.starts_conn);
+    c.put(b",\"midlife\":");
+    c.bool(t.midlife);
+    c.put(b",\"cpu\":");
+    c.u64(u64::from(t.cpu));
+    let m = &t.meta;
+    c.put(b",\"owner_via\":\"");
+    c.put_slice(m.owner_via.name().as_bytes());
+    c.put(b"\",\"owner_uid\":");
+    c.opt((m.owner_via != OwnerVia::Unknown).then_some(u64::from(m.uid)));
+    c.put(b",\"cgroup_id\":");
+    c.opt((m.cgroup_id != 0).then_some(m.cgroup_id));
+    c.put(b",\"netns\":");
+    c.opt((m.netns != 0).then_some(u64::from(m.netns)));
+    c.put(b",\"unaccepted\":");
+    c.bool(m.unaccepted);
+    c.put(b",\"container\":");
+    match m.container() {
+        // Hex digits by construction: no escaping.
+        Some(id) => {
+            c.put(b"\"");
+            c.put_slice(id.as_bytes());
+            c.put(b"\"");
+        }
+        None => c.put(b"null"),
+    }
+    c.put(b"}\n");
 }
 
 /// A serde record with the `type`/`schema` envelope and `time` for humans and shippers.
@@ -152,10 +344,15 @@ struct Envelope<'a, T: Serialize> {
 
 impl<W: Write> Sink for Ndjson<W> {
     fn record(&mut self, out: &Output) -> io::Result<()> {
-        self.line.clear();
+        // The rare records are serialised whole into a buffer first: serde writes a record in
+        // dozens of small pieces, each of which would otherwise be a call into `out`.
+        let rare = &mut self.rare;
+        rare.clear();
         match out {
             Output::Transition(r) => {
-                encode_transition_with(&mut self.line, &self.clock, &mut self.times, r)
+                let mut c = Cursor::new(&mut self.line);
+                encode_transition_into(&mut c, &self.clock, &mut self.times, r);
+                return self.out.write_all(c.written());
             }
             Output::Lifecycle(l) => {
                 let env = Envelope {
@@ -164,8 +361,7 @@ impl<W: Write> Sink for Ndjson<W> {
                     time: self.clock.rfc3339(l.end_ts_ns),
                     record: l,
                 };
-                serde_json::to_writer(&mut self.out, &env)?;
-                return self.out.write_all(b"\n");
+                serde_json::to_writer(&mut *rare, &env)?;
             }
             Output::Alert(a) => {
                 let env = Envelope {
@@ -174,11 +370,11 @@ impl<W: Write> Sink for Ndjson<W> {
                     time: self.clock.rfc3339(a.ts_ns),
                     record: a,
                 };
-                serde_json::to_writer(&mut self.out, &env)?;
-                return self.out.write_all(b"\n");
+                serde_json::to_writer(&mut *rare, &env)?;
             }
         }
-        self.out.write_all(self.line.as_bytes())
+        rare.push(b'\n');
+        self.out.write_all(rare)
     }
 
     fn summary(&mut self, s: &RunSummary) -> io::Result<()> {
@@ -213,288 +409,10 @@ impl<W: Write> Sink for Ndjson<W> {
     }
 }
 
-/// Why a log line could not be replayed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ParseError {
-    #[error("not JSON: {0}")]
-    Json(String),
-    #[error("schema {0} is not supported (this tcptrace reads schema {SCHEMA_VERSION})")]
-    Schema(u32),
-    #[error("missing field `{0}`")]
-    Missing(&'static str),
-    #[error("unknown state {0:?}")]
-    State(String),
-}
-
-#[derive(Deserialize)]
-struct Line<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    schema: Option<u32>,
-    ts_ns: Option<u64>,
-    conn_id: Option<u64>,
-    #[serde(borrow)]
-    skaddr: Option<Cow<'a, str>>,
-    laddr: Option<IpAddr>,
-    lport: Option<u16>,
-    raddr: Option<IpAddr>,
-    rport: Option<u16>,
-    #[serde(borrow)]
-    old: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    new: Option<Cow<'a, str>>,
-    owner_pid: Option<u32>,
-    owner_tid: Option<u32>,
-    #[serde(borrow)]
-    owner_comm: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    owner_source: Option<Cow<'a, str>>,
-    task_pid: Option<u32>,
-    task_tid: Option<u32>,
-    #[serde(borrow)]
-    task_comm: Option<Cow<'a, str>>,
-    starts_conn: Option<bool>,
-    midlife: Option<bool>,
-    cpu: Option<u32>,
-}
-
-fn state(s: Option<Cow<'_, str>>, field: &'static str) -> Result<TcpState, ParseError> {
-    let s = s.ok_or(ParseError::Missing(field))?;
-    TcpState::from_name(&s).ok_or_else(|| ParseError::State(s.into_owned()))
-}
-
-/// A cursor over one line in exactly the field order `encode_transition` writes.
-struct Scan<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl<'a> Scan<'a> {
-    fn lit(&mut self, s: &[u8]) -> Option<()> {
-        let end = self.i + s.len();
-        (self.b.get(self.i..end)? == s).then(|| self.i = end)
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        let start = self.i;
-        let mut n: u64 = 0;
-        while let Some(&c) = self.b.get(self.i).filter(|c| c.is_ascii_digit()) {
-            n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
-            self.i += 1;
-        }
-        (self.i > start).then_some(n)
-    }
-
-    fn opt_u64(&mut self) -> Option<Option<u64>> {
-        if self.lit(b"null").is_some() {
-            return Some(None);
-        }
-        self.u64().map(Some)
-    }
-
-    fn hex(&mut self) -> Option<u64> {
-        let start = self.i;
-        let mut n: u64 = 0;
-        while let Some(d) = self.b.get(self.i).and_then(|c| (*c as char).to_digit(16)) {
-            n = n.checked_mul(16)?.checked_add(u64::from(d))?;
-            self.i += 1;
-        }
-        (self.i > start).then_some(n)
-    }
-
-    /// A string without escapes (anything escaped falls back to the full parser).
-    fn plain_str(&mut self) -> Option<&'a str> {
-        self.lit(b"\"")?;
-        let start = self.i;
-        while let Some(&c) = self.b.get(self.i) {
-            match c {
-                b'"' => {
-                    let s = std::str::from_utf8(&self.b[start..self.i]).ok()?;
-                    self.i += 1;
-                    return Some(s);
-                }
-                b'\\' => return None,
-                _ => self.i += 1,
-            }
-        }
-        None
-    }
-
-    fn opt_plain_str(&mut self) -> Option<Option<&'a str>> {
-        if self.lit(b"null").is_some() {
-            return Some(None);
-        }
-        self.plain_str().map(Some)
-    }
-
-    fn bool(&mut self) -> Option<bool> {
-        if self.lit(b"true").is_some() {
-            Some(true)
-        } else {
-            self.lit(b"false").map(|()| false)
-        }
-    }
-}
-
-/// The fast path of [`parse_transition`]: our own lines, in our own field order, with no
-/// escapes. `None` sends the line to the full parser, which accepts any valid JSON.
-fn parse_own_line(line: &[u8]) -> Option<Transition> {
-    let mut c = Scan { b: line, i: 0 };
-    c.lit(b"{\"type\":\"transition\",\"schema\":1,\"ts_ns\":")?;
-    let ts_ns = c.u64()?;
-    c.lit(b",\"time\":")?;
-    c.plain_str()?;
-    c.lit(b",\"conn_id\":")?;
-    let conn_id = c.u64()?;
-    c.lit(b",\"skaddr\":\"0x")?;
-    let skaddr = c.hex()?;
-    c.lit(b"\",\"family\":")?;
-    c.plain_str()?;
-    c.lit(b",\"laddr\":")?;
-    let laddr: IpAddr = c.plain_str()?.parse().ok()?;
-    c.lit(b",\"lport\":")?;
-    let lport = u16::try_from(c.u64()?).ok()?;
-    c.lit(b",\"raddr\":")?;
-    let raddr: IpAddr = c.plain_str()?.parse().ok()?;
-    c.lit(b",\"rport\":")?;
-    let rport = u16::try_from(c.u64()?).ok()?;
-    c.lit(b",\"old\":")?;
-    let old = TcpState::from_name(c.plain_str()?)?;
-    c.lit(b",\"new\":")?;
-    let new = TcpState::from_name(c.plain_str()?)?;
-    c.lit(b",\"in_old_state_ns\":")?;
-    c.opt_u64()?;
-    c.lit(b",\"owner_pid\":")?;
-    let owner_pid = c.opt_u64()?;
-    c.lit(b",\"owner_tid\":")?;
-    let owner_tid = c.opt_u64()?;
-    c.lit(b",\"owner_comm\":")?;
-    let owner_comm = c.opt_plain_str()?;
-    c.lit(b",\"owner_source\":")?;
-    let owner_source = c.plain_str()?;
-    c.lit(b",\"task_pid\":")?;
-    let task_pid = u32::try_from(c.u64()?).ok()?;
-    c.lit(b",\"task_tid\":")?;
-    let task_tid = u32::try_from(c.u64()?).ok()?;
-    c.lit(b",\"task_comm\":")?;
-    let task_comm = c.plain_str()?;
-    c.lit(b",\"role\":")?;
-    c.plain_str()?;
-    c.lit(b",\"legal\":")?;
-    c.bool()?;
-    c.lit(b",\"gap\":")?;
-    c.bool()?;
-    c.lit(b",\"starts_conn\":")?;
-    let starts_conn = c.bool()?;
-    c.lit(b",\"midlife\":")?;
-    let midlife = c.bool()?;
-    c.lit(b",\"cpu\":")?;
-    let cpu = u32::try_from(c.u64()?).ok()?;
-    c.lit(b"}")?;
-    if c.i != c.b.len() {
-        return None;
-    }
-    let owner = match (owner_source, owner_pid) {
-        ("kernel", Some(pid)) => Some(Task {
-            pid: u32::try_from(pid).ok()?,
-            tid: owner_tid
-                .and_then(|t| u32::try_from(t).ok())
-                .unwrap_or(pid as u32),
-            comm: Comm::new(owner_comm.unwrap_or("")),
-        }),
-        _ => None,
-    };
-    Some(Transition {
-        ts_ns,
-        conn_id,
-        skaddr,
-        task: Task {
-            pid: task_pid,
-            tid: task_tid,
-            comm: Comm::new(task_comm),
-        },
-        local: SocketAddr::new(laddr, lport),
-        remote: SocketAddr::new(raddr, rport),
-        old,
-        new,
-        starts_conn,
-        midlife,
-        cpu,
-        owner,
-    })
-}
-
-/// Reads one NDJSON line: `Ok(Some)` for a transition, `Ok(None)` for the other record
-/// types (lifecycles and alerts are recomputed by the replay), `Err` for anything malformed.
-pub fn parse_transition(line: &str) -> Result<Option<Transition>, ParseError> {
-    parse_transition_bytes(line.as_bytes())
-}
-
-/// As [`parse_transition`], on raw bytes: our own lines need no UTF-8 pass of their own
-/// (the few strings in them are checked as they are read).
-pub fn parse_transition_bytes(line: &[u8]) -> Result<Option<Transition>, ParseError> {
-    match parse_own_line(line) {
-        Some(t) => Ok(Some(t)),
-        None => match std::str::from_utf8(line) {
-            Ok(s) => parse_transition_json(s),
-            Err(e) => Err(ParseError::Json(format!("not UTF-8 ({e})"))),
-        },
-    }
-}
-
-/// The full parser: any valid JSON object with the fields, in any order.
-pub fn parse_transition_json(line: &str) -> Result<Option<Transition>, ParseError> {
-    let l: Line<'_> = serde_json::from_str(line).map_err(|e| ParseError::Json(e.to_string()))?;
-    match l.schema {
-        Some(SCHEMA_VERSION) => {}
-        Some(v) => return Err(ParseError::Schema(v)),
-        None => return Err(ParseError::Missing("schema")),
-    }
-    if l.kind != "transition" {
-        return Ok(None);
-    }
-    let skaddr = l
-        .skaddr
-        .as_deref()
-        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-        .unwrap_or(0);
-    let owner = match (l.owner_source.as_deref(), l.owner_pid) {
-        (Some("kernel"), Some(pid)) => Some(Task {
-            pid,
-            tid: l.owner_tid.unwrap_or(pid),
-            comm: Comm::new(l.owner_comm.as_deref().unwrap_or("")),
-        }),
-        _ => None,
-    };
-    Ok(Some(Transition {
-        ts_ns: l.ts_ns.ok_or(ParseError::Missing("ts_ns"))?,
-        conn_id: l.conn_id.ok_or(ParseError::Missing("conn_id"))?,
-        skaddr,
-        task: Task {
-            pid: l.task_pid.unwrap_or(0),
-            tid: l.task_tid.unwrap_or(0),
-            comm: Comm::new(l.task_comm.as_deref().unwrap_or("")),
-        },
-        local: SocketAddr::new(
-            l.laddr.ok_or(ParseError::Missing("laddr"))?,
-            l.lport.ok_or(ParseError::Missing("lport"))?,
-        ),
-        remote: SocketAddr::new(
-            l.raddr.ok_or(ParseError::Missing("raddr"))?,
-            l.rport.ok_or(ParseError::Missing("rport"))?,
-        ),
-        old: state(l.old, "old")?,
-        new: state(l.new, "new")?,
-        starts_conn: l.starts_conn.unwrap_or(false),
-        midlife: l.midlife.unwrap_or(false),
-        cpu: l.cpu.unwrap_or(0),
-        owner,
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{ConnMeta, Task, TcpState, Transition};
 
     fn sample(owner: Option<Task>, kernel_owner: bool) -> TransitionRecord {
         TransitionRecord {
@@ -515,12 +433,52 @@ mod tests {
                 midlife: true,
                 cpu: 1,
                 owner: if kernel_owner { owner } else { None },
+                meta: ConnMeta {
+                    owner_via: if kernel_owner {
+                        OwnerVia::Accept
+                    } else {
+                        OwnerVia::Unknown
+                    },
+                    uid: if kernel_owner { 1000 } else { 0 },
+                    cgroup_id: 4242,
+                    netns: 4026531840,
+                    unaccepted: !kernel_owner,
+                    container: if kernel_owner {
+                        *b"0123456789ab"
+                    } else {
+                        [0; 12]
+                    },
+                },
+                kind: EventKind::State,
             },
             in_old_state_ns: Some(5_000),
             owner,
             role: Role::PassiveOpen,
             legal: true,
             gap: false,
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_as_fmt_writes_them() {
+        let mut line = Box::new([0u8; MAX_LINE]);
+        for n in [
+            0,
+            7,
+            10,
+            99,
+            4242,
+            4_026_531_840,
+            9_999_999_999_999_999,
+            10_000_000_000_000_000,
+            10_000_000_000_000_001,
+            u64::MAX,
+        ] {
+            let mut c = Cursor::new(&mut line);
+            c.u64(n);
+            c.put(b" ");
+            c.hex(n);
+            assert_eq!(c.written(), format!("{n} {n:#x}").as_bytes(), "{n}");
         }
     }
 
@@ -547,6 +505,14 @@ mod tests {
             let back = parse_transition(&buf).unwrap().expect("a transition");
             // Only an owner the kernel recorded is replayed; an inferred one is re-derived.
             assert_eq!(back, r.t, "kernel_owner={kernel_owner}");
+            assert_eq!(parse_transition_json(&buf), Ok(Some(r.t)), "serde path");
+            let mut a = r;
+            a.t.kind = EventKind::Accept;
+            buf.clear();
+            encode_transition(&mut buf, &WallClock::identity(), &a);
+            assert!(buf.starts_with("{\"type\":\"accept\""), "{buf}");
+            assert_eq!(parse_transition(&buf), Ok(Some(a.t)));
+            assert_eq!(parse_transition_json(&buf), Ok(Some(a.t)));
         }
     }
 

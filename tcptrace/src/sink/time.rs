@@ -54,30 +54,38 @@ impl WallClock {
 #[derive(Debug, Default)]
 pub struct Rfc3339Cache {
     sec: Option<i128>,
-    prefix: String,
+    prefix: Vec<u8>,
 }
 
 impl Rfc3339Cache {
     /// Appends `mono_ns` as RFC 3339 UTC with nanoseconds (same text as `WallClock::rfc3339`).
-    pub fn push(&mut self, clock: &WallClock, mono_ns: u64, out: &mut String) {
+    pub fn push(&mut self, clock: &WallClock, mono_ns: u64, out: &mut Vec<u8>) {
+        let mut buf = [0u8; 64];
+        let n = self.put(clock, mono_ns, &mut buf);
+        out.extend_from_slice(&buf[..n]);
+    }
+
+    /// Writes `mono_ns` as [`push`](Self::push) does at the start of `out` (at least 48
+    /// bytes long: some bytes past the text are overwritten); returns the length written.
+    #[inline]
+    pub fn put(&mut self, clock: &WallClock, mono_ns: u64, out: &mut [u8]) -> usize {
         let unix = clock.unix_ns(mono_ns).max(0);
         let sec = unix / 1_000_000_000;
         if self.sec != Some(sec) {
             let full = clock.rfc3339(mono_ns);
             // "…:SS.nnnnnnnnnZ": keep everything up to and including the dot.
             self.prefix.clear();
-            self.prefix.push_str(&full[..full.len() - 10]);
+            self.prefix
+                .extend_from_slice(&full.as_bytes()[..full.len() - 10]);
             self.sec = Some(sec);
         }
-        out.push_str(&self.prefix);
-        let mut nanos = (unix % 1_000_000_000) as u32;
-        let mut digits = [b'0'; 9];
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (nanos % 10) as u8;
-            nanos /= 10;
-        }
-        out.push_str(std::str::from_utf8(&digits).expect("ASCII digits"));
-        out.push('Z');
+        let p = self.prefix.len();
+        out[..p].copy_from_slice(&self.prefix);
+        // Nine digits and the Z, built in a register (see `ndjson::ascii_digits`).
+        let nanos = (unix % 1_000_000_000) as u64;
+        let text = super::ndjson::ascii_digits(nanos, 9) & !(0xff << 72) | (u128::from(b'Z') << 72);
+        out[p..p + 16].copy_from_slice(&text.to_le_bytes());
+        p + 10
     }
 }
 
@@ -154,9 +162,9 @@ mod tests {
             1_000_000_001,
             86_400_000_000_123,
         ] {
-            let mut s = String::new();
+            let mut s = Vec::new();
             cache.push(&c, ns, &mut s);
-            assert_eq!(s, c.rfc3339(ns), "at {ns}");
+            assert_eq!(String::from_utf8(s).unwrap(), c.rfc3339(ns), "at {ns}");
         }
     }
 

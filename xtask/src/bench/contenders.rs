@@ -1,5 +1,6 @@
-//! The contenders: the load untraced, under tcptrace and under bcc's tcpstates. How each
-//! tracer is prepared (once), then started, stopped and counted for one run.
+//! The contenders: the load untraced, under tcptrace (as is, and with a filter that drops
+//! every event in the kernel) and under bcc's tcpstates. How each tracer is prepared (once),
+//! then started, stopped and counted for one run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,12 +18,19 @@ use super::{Run, Tracer};
 /// The tracers that could be prepared, and why the others could not.
 pub struct Contenders {
     pub tcptrace: Option<PathBuf>,
+    /// Whether the filtered tcptrace run is in (tcptrace has the filter flag, not skipped).
+    pub filtered: bool,
     pub bcc: Option<Bcc>,
     pub unavailable: Vec<(Tracer, String)>,
 }
 
 impl Contenders {
-    pub fn prepare(workspace: &Path, no_build: bool, skip_bcc: bool) -> Contenders {
+    pub fn prepare(
+        workspace: &Path,
+        no_build: bool,
+        skip_bcc: bool,
+        skip_filtered: bool,
+    ) -> Contenders {
         let mut unavailable = Vec::new();
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
@@ -45,8 +53,27 @@ impl Contenders {
                 .map_err(|why| unavailable.push((Tracer::Bcc, why)))
                 .ok()
         };
+        let filtered = match &tcptrace {
+            _ if skip_filtered => {
+                unavailable.push((
+                    Tracer::TcptraceFiltered,
+                    "skipped (--skip-filtered)".to_owned(),
+                ));
+                false
+            }
+            Some(bin) if has_flag(bin, "--port") => true,
+            Some(_) => {
+                unavailable.push((
+                    Tracer::TcptraceFiltered,
+                    "tcptrace has no --port filter".to_owned(),
+                ));
+                false
+            }
+            None => false,
+        };
         Contenders {
             tcptrace,
+            filtered,
             bcc,
             unavailable,
         }
@@ -56,6 +83,7 @@ impl Contenders {
     pub fn available(&self) -> Vec<Tracer> {
         let mut all = vec![Tracer::Untraced];
         all.extend(self.tcptrace.as_ref().map(|_| Tracer::Tcptrace));
+        all.extend(self.filtered.then_some(Tracer::TcptraceFiltered));
         all.extend(self.bcc.as_ref().map(|_| Tracer::Bcc));
         all
     }
@@ -98,14 +126,28 @@ pub fn run_one(
             };
             Ok((run, None))
         }
-        Tracer::Tcptrace => {
+        Tracer::Tcptrace | Tracer::TcptraceFiltered => {
             let bin = contenders
                 .tcptrace
                 .as_deref()
                 .expect("tcptrace is prepared");
-            let log = ctx.raw.join(format!("tcptrace-round{round}.ndjson"));
+            let filtered = tracer == Tracer::TcptraceFiltered;
+            let name = if filtered {
+                "tcptrace-filtered"
+            } else {
+                "tcptrace"
+            };
+            let log = ctx.raw.join(format!("{name}-round{round}.ndjson"));
             let mut spec = tcptrace_spec(bin, &log, ctx.raw, round, ctx.load.duration);
+            spec.stdout = ctx.raw.join(format!("{name}-round{round}.out"));
+            spec.stderr = ctx.raw.join(format!("{name}-round{round}.err"));
+            if filtered {
+                // No bench port is 1: the program reads every event and drops it.
+                spec.command.args(["--port", "1"]);
+                spec.name = "tcptrace filtered";
+            }
             spec.nice = ctx.tracer_nice;
+            let keep_log = keep_log.filter(|_| !filtered);
             let run = traced(ctx, round, tracer, spec, || {
                 count::tcptrace_ndjson(&log, ports)
             });
@@ -186,7 +228,7 @@ fn merge(into: &mut Vec<String>, more: Vec<String>) {
     }
 }
 
-fn tcptrace_spec(bin: &Path, log: &Path, raw: &Path, round: usize, load: Duration) -> Spec {
+pub fn tcptrace_spec(bin: &Path, log: &Path, raw: &Path, round: usize, load: Duration) -> Spec {
     let mut command = Command::new(bin);
     // --duration is a safety net: it ends the tracer even if this process is killed outright.
     command
@@ -250,4 +292,11 @@ fn prepare_tcptrace(workspace: &Path, no_build: bool) -> Result<PathBuf, String>
         }
     }
     Ok(bin)
+}
+
+fn has_flag(bin: &Path, flag: &str) -> bool {
+    Command::new(bin)
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
 }

@@ -1,7 +1,9 @@
 //! Figures beyond live overhead, each one function returning a [`Figure`]; add the next one
-//! here and list it in `bench::extra_figures`. Replay throughput is measured; engine memory per
-//! connection is the place left for the 1M-connection measurement.
+//! here and list it in `bench::extra_figures`: replay throughput, and the engine's memory per
+//! tracked connection at a million open connections.
 
+use std::io::{BufWriter, Read as _, Write as _};
+use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,15 +82,200 @@ pub fn replay_throughput(bin: Option<&Path>, log: Option<(&Path, u64)>, runs: us
     }
 }
 
-/// Extension point: memory the lifecycle engine holds per tracked connection at 1M open
-/// connections. Intended measurement: feed `tcptrace analyze -` a synthetic log of 1M
-/// connections that reach ESTABLISHED and never close (generated on the fly into its stdin),
-/// take its peak RSS, subtract the peak RSS of the same replay with 1 connection, divide by 1M.
-pub fn engine_memory_per_connection() -> Figure {
-    Figure::unavailable(
-        "engine memory per connection (1M connections)",
-        "not wired yet",
-    )
+/// Memory the lifecycle engine holds per tracked connection with `n` connections open:
+/// `tcptrace analyze -` is fed a synthetic log of `n` connections that reach ESTABLISHED and
+/// never close; once it has read all of it (and before the log ends, which would close them),
+/// its RSS is taken. The same with 1 connection is the baseline; the difference over `n` is
+/// the figure. The engine's own accounting of its tables, which `analyze` reports, goes next
+/// to it.
+pub fn engine_memory_per_connection(bin: Option<&Path>, n: u64) -> Figure {
+    const NAME: &str = "engine memory per connection";
+    let Some(bin) = bin else {
+        return Figure::unavailable(NAME, "tcptrace is not available");
+    };
+    let n = n.max(2);
+    let base = match hold_open(bin, 1) {
+        Ok(h) => h,
+        Err(why) => return Figure::unavailable(NAME, why),
+    };
+    let full = match hold_open(bin, n) {
+        Ok(h) => h,
+        Err(why) => return Figure::unavailable(NAME, why),
+    };
+    let per_conn = (full.rss_kib as f64 - base.rss_kib as f64) * 1024.0 / n as f64;
+    let engine = full
+        .engine
+        .filter(|(tracked, _)| *tracked > 0)
+        .map(|(tracked, bytes)| bytes as f64 / tracked as f64);
+    Figure {
+        name: NAME,
+        value: Ok((per_conn, "bytes of RSS per connection")),
+        detail: format!(
+            "{n} open connections held by `tcptrace analyze -`: RSS {} MiB vs {} MiB with 1, fed in {:.1} s; engine's own table accounting {}",
+            full.rss_kib / 1024,
+            base.rss_kib / 1024,
+            full.fed.as_secs_f64(),
+            match (engine, full.engine) {
+                (Some(b), Some((tracked, bytes))) => format!(
+                    "{b:.0} B per connection ({} MiB for {tracked} tracked)",
+                    bytes / (1 << 20)
+                ),
+                _ => "not reported".to_owned(),
+            }
+        ),
+        json: json!({
+            "available": true,
+            "connections": n,
+            "rss_bytes_per_connection": per_conn,
+            "rss_kib": full.rss_kib,
+            "baseline_rss_kib": base.rss_kib,
+            "engine_bytes_per_connection": engine,
+            "engine_tracked": full.engine.map(|e| e.0),
+            "engine_table_bytes": full.engine.map(|e| e.1),
+            "feed_seconds": full.fed.as_secs_f64(),
+        }),
+    }
+}
+
+struct Held {
+    rss_kib: u64,
+    /// (tracked connections, table bytes) as `analyze` reports them at the end of the log.
+    engine: Option<(u64, u64)>,
+    fed: Duration,
+}
+
+/// One synthetic connection that opens (CLOSE→SYN_SENT→ESTABLISHED) and stays open, in the
+/// exact form tcptrace writes (so the replay takes its fast path).
+fn open_connection_lines(out: &mut impl std::io::Write, i: u64) -> std::io::Result<()> {
+    let ts = 1_000_000 + i * 2;
+    let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+    let sk = 0xffff_8880_0000_0000u64 + i * 0x800;
+    for (step, (old, new, starts, in_old)) in [
+        ("CLOSE", "SYN_SENT", "true", "null".to_owned()),
+        ("SYN_SENT", "ESTABLISHED", "false", "1".to_owned()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        writeln!(
+            out,
+            r#"{{"type":"transition","schema":1,"ts_ns":{},"time":"1970-01-01T00:00:00.001000000Z","conn_id":{i},"skaddr":"0x{sk:x}","family":"ipv4","laddr":"10.{a}.{b}.{c}","lport":40000,"raddr":"192.0.2.1","rport":443,"old":"{old}","new":"{new}","in_old_state_ns":{in_old},"owner_pid":100,"owner_tid":100,"owner_comm":"bench","owner_source":"kernel","task_pid":100,"task_tid":100,"task_comm":"bench","role":"active_open","legal":true,"gap":false,"starts_conn":{starts},"midlife":false,"cpu":0,"owner_via":"connect","owner_uid":0,"cgroup_id":null,"netns":null,"unaccepted":false}}"#,
+            ts + step as u64
+        )?;
+    }
+    Ok(())
+}
+
+/// Feeds `n` open connections to `tcptrace analyze -`, waits until it has consumed them
+/// (blocked reading an empty pipe, its CPU time still), takes its RSS, then ends the log.
+fn hold_open(bin: &Path, n: u64) -> Result<Held, String> {
+    let mut child = Command::new(bin)
+        .args(["analyze", "-", "--view", "none", "--max-connections"])
+        .arg((n + 1024).to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("could not start {}: {e}", bin.display()))?;
+    let pid = child.id() as libc::pid_t;
+    let stdin = child.stdin.take().expect("piped stdin");
+    let pipe_fd = stdin.as_raw_fd();
+    let started = Instant::now();
+    let mut w = BufWriter::with_capacity(1 << 20, stdin);
+    for i in 0..n {
+        if let Err(e) = open_connection_lines(&mut w, i) {
+            let _ = child.kill();
+            return Err(format!("feeding `tcptrace analyze -` failed: {e}"));
+        }
+    }
+    if let Err(e) = w.flush() {
+        let _ = child.kill();
+        return Err(format!("feeding `tcptrace analyze -` failed: {e}"));
+    }
+    let rss = wait_consumed(pid, pipe_fd).and_then(|()| vm_rss_kib(pid));
+    let fed = started.elapsed();
+    drop(w); // end of log: analyze closes the connections and reports
+    let mut out = String::new();
+    if let Some(s) = child.stdout.as_mut() {
+        s.read_to_string(&mut out).ok();
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for analyze: {e}"))?;
+    let Some(rss_kib) = rss else {
+        return Err("could not read the replay's RSS".to_owned());
+    };
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(s) = child.stderr.as_mut() {
+            s.read_to_string(&mut err).ok();
+        }
+        return Err(format!("`tcptrace analyze -` failed: {}", err.trim()));
+    }
+    Ok(Held {
+        rss_kib,
+        engine: engine_line(&out),
+        fed,
+    })
+}
+
+/// `engine at end of log: N connections tracked, tables B bytes …` from analyze's report.
+fn engine_line(report: &str) -> Option<(u64, u64)> {
+    let line = report
+        .lines()
+        .find_map(|l| l.strip_prefix("engine at end of log: "))?;
+    let mut words = line.split_whitespace();
+    let tracked = words.next()?.parse().ok()?;
+    let bytes = line
+        .split("tables ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((tracked, bytes))
+}
+
+/// Waits (up to a minute) until the pipe to `pid` is empty and `pid` sleeps with its CPU time
+/// unchanged: it has read and processed everything written so far.
+fn wait_consumed(pid: libc::pid_t, pipe_fd: i32) -> Option<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet = 0;
+    let mut last_cpu = None;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer; the fd is our open pipe.
+        let r = unsafe { libc::ioctl(pipe_fd, libc::FIONREAD, &mut queued) };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let sleeping = fields.first() == Some(&"S");
+        let cpu = (fields.get(11)?.to_string(), fields.get(12)?.to_string());
+        let still = last_cpu.as_ref() == Some(&cpu);
+        last_cpu = Some(cpu);
+        if r == 0 && queued == 0 && sleeping && still {
+            quiet += 1;
+            if quiet >= 3 {
+                return Some(());
+            }
+        } else {
+            quiet = 0;
+        }
+    }
+    None
+}
+
+/// Resident set size of `pid` now, KiB.
+pub fn vm_rss_kib(pid: libc::pid_t) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Runs `cmd` to completion with its output discarded; wall time and peak RSS (KiB).

@@ -159,7 +159,7 @@ struct Row {
 }
 
 fn rows(outcome: &Outcome) -> Vec<Row> {
-    [Tracer::Untraced, Tracer::Tcptrace, Tracer::Bcc]
+    Tracer::ALL
         .into_iter()
         .filter_map(|tracer| {
             let runs: Vec<&Run> = outcome.runs.iter().filter(|r| r.tracer == tracer).collect();
@@ -287,14 +287,27 @@ pub fn table(outcome: &Outcome) -> String {
         } else {
             0.0
         };
+        let (expected, seen, lost) = if row.tracer.reports_events() {
+            (
+                thousands(row.expected as f64),
+                thousands(row.seen as f64),
+                format!("{} ({pct:.1}%)", thousands(lost as f64)),
+            )
+        } else {
+            (
+                thousands(row.expected as f64),
+                thousands(row.seen as f64),
+                "filtered out".to_owned(),
+            )
+        };
         writeln!(
             w,
             "{:>6.3} {:>13}   {:>11} {:>11} {:>18}   {:>6.1} {:>5} MiB {:>9}",
             median(row.ratios.clone()).unwrap_or(f64::NAN),
             format!("({rlo:.3}-{rhi:.3})"),
-            thousands(row.expected as f64),
-            thousands(row.seen as f64),
-            format!("{} ({pct:.1}%)", thousands(lost as f64)),
+            expected,
+            seen,
+            lost,
             median(row.cpu.clone()).unwrap_or(f64::NAN),
             row.peak_rss_kib / 1024,
             median(row.bpf_ns.clone()).map_or("-".to_owned(), |ns| format!("{ns:.0}")),
@@ -339,6 +352,22 @@ pub fn table(outcome: &Outcome) -> String {
         "  / load wall time, in % of one core (median); peak RSS: its VmHWM at exit (max)."
     )
     .ok();
+    if outcome
+        .runs
+        .iter()
+        .any(|r| r.tracer == Tracer::TcptraceFiltered)
+    {
+        writeln!(
+            w,
+            "tcptrace filtered: tcptrace --port 1, whose in-kernel filter drops every event of the load;"
+        )
+        .ok();
+        writeln!(
+            w,
+            "  its ratio, CPU and BPF ns/ev are the cost of events a filter leaves out."
+        )
+        .ok();
+    }
     writeln!(
         w,
         "BPF ns/ev: kernel run time of the tracer's BPF program per invocation (median){}.",

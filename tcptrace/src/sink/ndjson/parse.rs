@@ -1,0 +1,768 @@
+//! Reading a transition line back, for `tcptrace analyze`: a fast path for our own lines
+//! (exactly the field order `encode_transition` writes, no escapes, no whitespace) and the
+//! full serde parser for anything else. The fast path accepts a subset of what serde
+//! accepts and reads it to the same `Transition`; whatever it is unsure of goes to serde.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use serde::Deserialize;
+
+use crate::event::{Comm, ConnMeta, EventKind, OwnerVia, Task, TcpState, Transition};
+use crate::sink::SCHEMA_VERSION;
+
+/// Why a log line could not be replayed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("not JSON: {0}")]
+    Json(String),
+    #[error("schema {0} is not supported (this tcptrace reads schema {SCHEMA_VERSION})")]
+    Schema(u32),
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+    #[error("unknown state {0:?}")]
+    State(String),
+}
+
+#[derive(Deserialize)]
+struct Line<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    schema: Option<u32>,
+    ts_ns: Option<u64>,
+    conn_id: Option<u64>,
+    #[serde(borrow)]
+    skaddr: Option<Cow<'a, str>>,
+    laddr: Option<IpAddr>,
+    lport: Option<u16>,
+    raddr: Option<IpAddr>,
+    rport: Option<u16>,
+    #[serde(borrow)]
+    old: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    new: Option<Cow<'a, str>>,
+    owner_pid: Option<u32>,
+    owner_tid: Option<u32>,
+    #[serde(borrow)]
+    owner_comm: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    owner_source: Option<Cow<'a, str>>,
+    task_pid: Option<u32>,
+    task_tid: Option<u32>,
+    #[serde(borrow)]
+    task_comm: Option<Cow<'a, str>>,
+    starts_conn: Option<bool>,
+    midlife: Option<bool>,
+    cpu: Option<u32>,
+    #[serde(borrow)]
+    owner_via: Option<Cow<'a, str>>,
+    owner_uid: Option<u32>,
+    cgroup_id: Option<u64>,
+    netns: Option<u32>,
+    unaccepted: Option<bool>,
+    #[serde(borrow)]
+    container: Option<Cow<'a, str>>,
+}
+
+fn state(s: Option<Cow<'_, str>>, field: &'static str) -> Result<TcpState, ParseError> {
+    let s = s.ok_or(ParseError::Missing(field))?;
+    TcpState::from_name(&s).ok_or_else(|| ParseError::State(s.into_owned()))
+}
+
+/// A cursor over one line in exactly the field order `encode_transition` writes. Every
+/// reader returns None where serde might read the text differently (or reject it).
+struct Scan<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    /// A literal of known length: compared inline as a few wide loads, not a memcmp call.
+    #[inline(always)]
+    fn lit<const N: usize>(&mut self, s: &[u8; N]) -> Option<()> {
+        let end = self.i + N;
+        let chunk: &[u8; N] = self.b.get(self.i..end)?.try_into().ok()?;
+        (chunk == s).then(|| self.i = end)
+    }
+
+    /// A JSON unsigned integer: digits, no leading zero (serde rejects `01`). Eight
+    /// digits at a time where the line has eight bytes left (it always does in our lines).
+    #[inline(always)]
+    fn u64(&mut self) -> Option<u64> {
+        let b = self.b;
+        let start = self.i;
+        let mut i = start;
+        let mut n: u64 = 0;
+        while let Some(chunk) = b.get(i..i + 8) {
+            let (count, value) = swar_digits(u64::from_le_bytes(chunk.try_into().ok()?));
+            if count > 0 {
+                n = n.checked_mul(POW10[count])?.checked_add(u64::from(value))?;
+                i += count;
+            }
+            if count < 8 {
+                return self.end_u64(start, i, n);
+            }
+        }
+        while let Some(&c) = b.get(i) {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
+                break;
+            }
+            n = n.checked_mul(10)?.checked_add(u64::from(d))?;
+            i += 1;
+        }
+        self.end_u64(start, i, n)
+    }
+
+    #[inline(always)]
+    fn end_u64(&mut self, start: usize, end: usize, n: u64) -> Option<u64> {
+        if end == start || (self.b[start] == b'0' && end - start > 1) {
+            return None;
+        }
+        self.i = end;
+        Some(n)
+    }
+
+    #[inline(always)]
+    fn u32(&mut self) -> Option<u32> {
+        u32::try_from(self.u64()?).ok()
+    }
+
+    #[inline(always)]
+    fn opt_u64(&mut self) -> Option<Option<u64>> {
+        if self.b.get(self.i) == Some(&b'n') {
+            return self.lit(b"null").map(|()| None);
+        }
+        self.u64().map(Some)
+    }
+
+    #[inline(always)]
+    fn opt_u32(&mut self) -> Option<Option<u32>> {
+        match self.opt_u64()? {
+            Some(n) => u32::try_from(n).ok().map(Some),
+            None => Some(None),
+        }
+    }
+
+    #[inline(always)]
+    fn hex(&mut self) -> Option<u64> {
+        let start = self.i;
+        let mut n: u64 = 0;
+        while let Some(&c) = self.b.get(self.i) {
+            let d = match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => c - b'a' + 10,
+                b'A'..=b'F' => c - b'A' + 10,
+                _ => break,
+            };
+            n = n.checked_mul(16)?.checked_add(u64::from(d))?;
+            self.i += 1;
+        }
+        (self.i > start).then_some(n)
+    }
+
+    /// The contents of a JSON string without escapes or control characters (anything
+    /// escaped falls back to the full parser), checked to be UTF-8. Eight bytes at a time.
+    #[inline(always)]
+    fn plain_str(&mut self) -> Option<&'a [u8]> {
+        self.lit(b"\"")?;
+        let b = self.b;
+        let start = self.i;
+        let mut i = start;
+        let mut ascii = true;
+        // A word at a time: ordinary printable ASCII is skipped without looking at each
+        // byte, and the first byte that is not is found with one trailing_zeros.
+        loop {
+            match b.get(i..i + 8) {
+                Some(chunk) => {
+                    let special = special_bytes(u64::from_le_bytes(chunk.try_into().ok()?));
+                    if special == 0 {
+                        i += 8;
+                        continue;
+                    }
+                    i += (special.trailing_zeros() / 8) as usize;
+                }
+                // Fewer than eight bytes left: stop at the first one that is not ordinary.
+                None => {
+                    while b
+                        .get(i)
+                        .is_some_and(|&c| (0x20..0x80).contains(&c) && c != b'"' && c != b'\\')
+                    {
+                        i += 1;
+                    }
+                }
+            }
+            match *b.get(i)? {
+                b'"' => break,
+                c if c >= 0x80 => {
+                    ascii = false;
+                    i += 1;
+                }
+                _ => return None,
+            }
+        }
+        let s = &b[start..i];
+        if !ascii {
+            std::str::from_utf8(s).ok()?;
+        }
+        self.i = i + 1;
+        Some(s)
+    }
+
+    #[inline(always)]
+    fn opt_comm(&mut self) -> Option<Option<Comm>> {
+        if self.b.get(self.i) == Some(&b'n') {
+            return self.lit(b"null").map(|()| None);
+        }
+        self.comm().map(Some)
+    }
+
+    /// A command name: a plain string, as `Comm::new` keeps it.
+    #[inline(always)]
+    fn comm(&mut self) -> Option<Comm> {
+        let start = self.i + 1;
+        let s = self.plain_str()?;
+        Some(comm(s, &self.b[start..]))
+    }
+
+    #[inline(always)]
+    fn bool(&mut self) -> Option<bool> {
+        match self.b.get(self.i)? {
+            b't' => self.lit(b"true").map(|()| true),
+            _ => self.lit(b"false").map(|()| false),
+        }
+    }
+
+    #[inline(always)]
+    fn state(&mut self) -> Option<TcpState> {
+        state_named(self.plain_str()?)
+    }
+
+    #[inline(always)]
+    fn ip(&mut self) -> Option<IpAddr> {
+        let s = self.plain_str()?;
+        match ipv4(s) {
+            Some(a) => Some(IpAddr::V4(a)),
+            // IPv6 (and anything unusual): std's parser, the one serde uses.
+            None => std::str::from_utf8(s).ok()?.parse().ok(),
+        }
+    }
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+const POW10: [u64; 9] = [
+    1,
+    10,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+];
+
+/// The high bit of each byte of `w` that is zero (exact, no carries between bytes).
+#[inline(always)]
+fn zero_bytes(w: u64) -> u64 {
+    !((((w & !HIGHS) + !HIGHS) | w) | !HIGHS)
+}
+
+/// The high bit of each byte of `w` a plain string scan must stop at: `"`, `\`, a control
+/// character or a non-ASCII byte.
+#[inline(always)]
+fn special_bytes(w: u64) -> u64 {
+    let quote = zero_bytes(w ^ (ONES * u64::from(b'"')));
+    let backslash = zero_bytes(w ^ (ONES * u64::from(b'\\')));
+    // Bytes below 0x20: their top three bits are all zero.
+    let control = zero_bytes(w & (ONES * 0xe0));
+    quote | backslash | control | (w & HIGHS)
+}
+
+/// The decimal digits at the start of the 8 bytes in `w` (little-endian: first byte
+/// lowest): how many, and their value.
+#[inline(always)]
+fn swar_digits(w: u64) -> (usize, u32) {
+    // A byte is a digit when its high nibble is 3 and adding 6 keeps it 3 (0x30..=0x39). A
+    // carry out of a byte >= 0xfa only disturbs the bytes after it, past the digits.
+    let t = (w & (ONES * 0xf0)) | ((w.wrapping_add(ONES * 0x06) & (ONES * 0xf0)) >> 4);
+    let not_digit = !zero_bytes(t ^ (ONES * 0x33)) & HIGHS;
+    let count = (not_digit.trailing_zeros() / 8) as usize;
+    if count == 0 {
+        return (0, 0);
+    }
+    // Drop the bytes after the digits: they become leading zeros of an 8-digit number.
+    // Then pairs, quads and the eight combine by multiplication (as simdjson does).
+    let v = (w << (8 * (8 - count))) & (ONES * 0x0f);
+    let v = v.wrapping_mul(10 * (1 << 8) + 1) >> 8;
+    let v = (v & 0x00ff_00ff_00ff_00ff).wrapping_mul(100 * (1 << 16) + 1) >> 16;
+    let v = (v & 0x0000_ffff_0000_ffff).wrapping_mul(10_000 * (1 << 32) + 1) >> 32;
+    (count, v as u32)
+}
+
+/// A dotted quad exactly as std reads one (1–3 digits per octet, at most 255, no leading
+/// zero), without std's general parser; None for anything else, which std then reads.
+#[inline(always)]
+fn ipv4(s: &[u8]) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut i = 0;
+    for (k, octet) in octets.iter_mut().enumerate() {
+        if k > 0 {
+            if s.get(i) != Some(&b'.') {
+                return None;
+            }
+            i += 1;
+        }
+        let start = i;
+        let mut v: u32 = 0;
+        while let Some(&c) = s.get(i) {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 || i - start == 3 {
+                break;
+            }
+            v = v * 10 + u32::from(d);
+            i += 1;
+        }
+        let len = i - start;
+        if len == 0 || v > 255 || (len > 1 && s[start] == b'0') {
+            return None;
+        }
+        *octet = v as u8;
+    }
+    (i == s.len()).then(|| Ipv4Addr::from(octets))
+}
+
+/// `TcpState::from_name` as one `match` (a jump on the length, then one compare) rather
+/// than a search through the names.
+#[inline(always)]
+fn state_named(s: &[u8]) -> Option<TcpState> {
+    use TcpState::*;
+    Some(match s {
+        b"ESTABLISHED" => Established,
+        b"SYN_SENT" => SynSent,
+        b"SYN_RECV" => SynRecv,
+        b"FIN_WAIT1" => FinWait1,
+        b"FIN_WAIT2" => FinWait2,
+        b"TIME_WAIT" => TimeWait,
+        b"CLOSE" => Close,
+        b"CLOSE_WAIT" => CloseWait,
+        b"LAST_ACK" => LastAck,
+        b"LISTEN" => Listen,
+        b"CLOSING" => Closing,
+        b"NEW_SYN_RECV" => NewSynRecv,
+        b"BOUND_INACTIVE" => BoundInactive,
+        _ => return None,
+    })
+}
+
+/// `OwnerVia::from_name`, the same way.
+#[inline(always)]
+fn owner_via_named(s: &[u8]) -> Option<OwnerVia> {
+    Some(match s {
+        b"unknown" => OwnerVia::Unknown,
+        b"connect" => OwnerVia::Connect,
+        b"listen" => OwnerVia::Listen,
+        b"accept" => OwnerVia::Accept,
+        b"close" => OwnerVia::Close,
+        b"listener" => OwnerVia::Listener,
+        _ => return None,
+    })
+}
+
+/// `Comm::new` of a string already checked to be UTF-8: its first 15 bytes. `rest` is the
+/// line from the string's start: sixteen bytes of it are taken in one load where the line
+/// has them (ours always do), and the bytes past the string masked off.
+#[inline(always)]
+fn comm(s: &[u8], rest: &[u8]) -> Comm {
+    let n = s.len().min(15);
+    if let Some(chunk) = rest.get(..16) {
+        let w = u128::from_le_bytes(chunk.try_into().expect("16 bytes"));
+        return Comm((w & ((1u128 << (8 * n)) - 1)).to_le_bytes());
+    }
+    let mut b = [0u8; 16];
+    b[..n].copy_from_slice(&s[..n]);
+    Comm(b)
+}
+
+/// The fast path of [`parse_transition`]: our own lines, in our own field order, with no
+/// escapes. `None` sends the line to the full parser, which accepts any valid JSON.
+#[inline(always)]
+fn parse_own_line(line: &[u8]) -> Option<Transition> {
+    let mut c = Scan { b: line, i: 0 };
+    c.lit(b"{\"type\":\"")?;
+    let kind = match c.b.get(c.i)? {
+        b't' => c.lit(b"transition\"").map(|()| EventKind::State)?,
+        b'a' => c.lit(b"accept\"").map(|()| EventKind::Accept)?,
+        b'h' => c.lit(b"handoff\"").map(|()| EventKind::Handoff)?,
+        _ => c.lit(b"present\"").map(|()| EventKind::Present)?,
+    };
+    c.lit(b",\"schema\":1,\"ts_ns\":")?;
+    let ts_ns = c.u64()?;
+    c.lit(b",\"time\":")?;
+    c.plain_str()?;
+    c.lit(b",\"conn_id\":")?;
+    let conn_id = c.u64()?;
+    c.lit(b",\"skaddr\":\"0x")?;
+    let skaddr = c.hex()?;
+    c.lit(b"\",\"family\":")?;
+    c.plain_str()?;
+    c.lit(b",\"laddr\":")?;
+    let laddr = c.ip()?;
+    c.lit(b",\"lport\":")?;
+    let lport = u16::try_from(c.u64()?).ok()?;
+    c.lit(b",\"raddr\":")?;
+    let raddr = c.ip()?;
+    c.lit(b",\"rport\":")?;
+    let rport = u16::try_from(c.u64()?).ok()?;
+    c.lit(b",\"old\":")?;
+    let old = c.state()?;
+    c.lit(b",\"new\":")?;
+    let new = c.state()?;
+    c.lit(b",\"in_old_state_ns\":")?;
+    c.opt_u64()?;
+    c.lit(b",\"owner_pid\":")?;
+    let owner_pid = c.opt_u32()?;
+    c.lit(b",\"owner_tid\":")?;
+    let owner_tid = c.opt_u32()?;
+    c.lit(b",\"owner_comm\":")?;
+    let owner_comm = c.opt_comm()?;
+    c.lit(b",\"owner_source\":")?;
+    let owner_source = c.plain_str()?;
+    c.lit(b",\"task_pid\":")?;
+    let task_pid = c.u32()?;
+    c.lit(b",\"task_tid\":")?;
+    let task_tid = c.u32()?;
+    c.lit(b",\"task_comm\":")?;
+    let task_comm = c.comm()?;
+    c.lit(b",\"role\":")?;
+    c.plain_str()?;
+    c.lit(b",\"legal\":")?;
+    c.bool()?;
+    c.lit(b",\"gap\":")?;
+    c.bool()?;
+    c.lit(b",\"starts_conn\":")?;
+    let starts_conn = c.bool()?;
+    c.lit(b",\"midlife\":")?;
+    let midlife = c.bool()?;
+    c.lit(b",\"cpu\":")?;
+    let cpu = c.u32()?;
+    c.lit(b",\"owner_via\":")?;
+    let owner_via = owner_via_named(c.plain_str()?)?;
+    c.lit(b",\"owner_uid\":")?;
+    let uid = c.opt_u32()?.unwrap_or(0);
+    c.lit(b",\"cgroup_id\":")?;
+    let cgroup_id = c.opt_u64()?.unwrap_or(0);
+    c.lit(b",\"netns\":")?;
+    let netns = c.opt_u32()?.unwrap_or(0);
+    c.lit(b",\"unaccepted\":")?;
+    let unaccepted = c.bool()?;
+    c.lit(b",\"container\":")?;
+    let container = if c.lit(b"null").is_some() {
+        [0; 12]
+    } else {
+        container_id(c.plain_str()?)?
+    };
+    c.lit(b"}")?;
+    if c.i != c.b.len() {
+        return None;
+    }
+    let owner = match (owner_source, owner_pid) {
+        (b"kernel", Some(pid)) => Some(Task {
+            pid,
+            tid: owner_tid.unwrap_or(pid),
+            comm: owner_comm.unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    Some(Transition {
+        ts_ns,
+        conn_id,
+        skaddr,
+        task: Task {
+            pid: task_pid,
+            tid: task_tid,
+            comm: task_comm,
+        },
+        local: SocketAddr::new(laddr, lport),
+        remote: SocketAddr::new(raddr, rport),
+        old,
+        new,
+        starts_conn,
+        midlife,
+        cpu,
+        owner,
+        meta: ConnMeta {
+            owner_via,
+            uid,
+            cgroup_id,
+            netns,
+            unaccepted,
+            container,
+        },
+        kind,
+    })
+}
+
+/// A short container id: exactly 12 lowercase hex digits.
+fn container_id(s: &[u8]) -> Option<[u8; 12]> {
+    let a: [u8; 12] = s.try_into().ok()?;
+    a.iter()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        .then_some(a)
+}
+
+/// Reads one NDJSON line: `Ok(Some)` for a transition, `Ok(None)` for the other record
+/// types (lifecycles and alerts are recomputed by the replay), `Err` for anything malformed.
+pub fn parse_transition(line: &str) -> Result<Option<Transition>, ParseError> {
+    parse_transition_bytes(line.as_bytes())
+}
+
+/// As [`parse_transition`], on raw bytes: our own lines need no UTF-8 pass of their own
+/// (the few strings in them are checked as they are read).
+#[inline]
+pub fn parse_transition_bytes(line: &[u8]) -> Result<Option<Transition>, ParseError> {
+    match parse_own_line(line) {
+        Some(t) => Ok(Some(t)),
+        None => parse_other_line(line),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn parse_other_line(line: &[u8]) -> Result<Option<Transition>, ParseError> {
+    match std::str::from_utf8(line) {
+        Ok(s) => parse_transition_json(s),
+        Err(e) => Err(ParseError::Json(format!("not UTF-8 ({e})"))),
+    }
+}
+
+/// The full parser: any valid JSON object with the fields, in any order.
+pub fn parse_transition_json(line: &str) -> Result<Option<Transition>, ParseError> {
+    let l: Line<'_> = serde_json::from_str(line).map_err(|e| ParseError::Json(e.to_string()))?;
+    match l.schema {
+        Some(SCHEMA_VERSION) => {}
+        Some(v) => return Err(ParseError::Schema(v)),
+        None => return Err(ParseError::Missing("schema")),
+    }
+    let kind = match &*l.kind {
+        "transition" => EventKind::State,
+        "accept" => EventKind::Accept,
+        "handoff" => EventKind::Handoff,
+        "present" => EventKind::Present,
+        _ => return Ok(None),
+    };
+    let skaddr = l
+        .skaddr
+        .as_deref()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0);
+    let owner = match (l.owner_source.as_deref(), l.owner_pid) {
+        (Some("kernel"), Some(pid)) => Some(Task {
+            pid,
+            tid: l.owner_tid.unwrap_or(pid),
+            comm: Comm::new(l.owner_comm.as_deref().unwrap_or("")),
+        }),
+        _ => None,
+    };
+    Ok(Some(Transition {
+        ts_ns: l.ts_ns.ok_or(ParseError::Missing("ts_ns"))?,
+        conn_id: l.conn_id.ok_or(ParseError::Missing("conn_id"))?,
+        skaddr,
+        task: Task {
+            pid: l.task_pid.unwrap_or(0),
+            tid: l.task_tid.unwrap_or(0),
+            comm: Comm::new(l.task_comm.as_deref().unwrap_or("")),
+        },
+        local: SocketAddr::new(
+            l.laddr.ok_or(ParseError::Missing("laddr"))?,
+            l.lport.ok_or(ParseError::Missing("lport"))?,
+        ),
+        remote: SocketAddr::new(
+            l.raddr.ok_or(ParseError::Missing("raddr"))?,
+            l.rport.ok_or(ParseError::Missing("rport"))?,
+        ),
+        old: state(l.old, "old")?,
+        new: state(l.new, "new")?,
+        starts_conn: l.starts_conn.unwrap_or(false),
+        midlife: l.midlife.unwrap_or(false),
+        cpu: l.cpu.unwrap_or(0),
+        owner,
+        meta: ConnMeta {
+            owner_via: l
+                .owner_via
+                .as_deref()
+                .and_then(OwnerVia::from_name)
+                .unwrap_or_default(),
+            uid: l.owner_uid.unwrap_or(0),
+            cgroup_id: l.cgroup_id.unwrap_or(0),
+            netns: l.netns.unwrap_or(0),
+            unaccepted: l.unaccepted.unwrap_or(false),
+            container: match l.container.as_deref() {
+                None => [0; 12],
+                Some(s) => container_id(s.as_bytes()).ok_or_else(|| {
+                    ParseError::Json(format!("container {s:?} is not 12 hex digits"))
+                })?,
+            },
+        },
+        kind,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dotted_quads_read_as_std_reads_them() {
+        for s in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.0.1.49",
+            "256.0.0.1",
+            "01.2.3.4",
+            "1.2.3",
+            "1.2.3.4.",
+            "1.2.3.4.5",
+            "1..3.4",
+            "1.2.3.0004",
+            "1.2.3.-4",
+            "",
+            "::1",
+            "1.2.3.4 ",
+        ] {
+            assert_eq!(ipv4(s.as_bytes()), s.parse::<Ipv4Addr>().ok(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn names_read_as_from_name_reads_them() {
+        for st in TcpState::ALL {
+            assert_eq!(state_named(st.name().as_bytes()), Some(st));
+        }
+        for via in [
+            OwnerVia::Unknown,
+            OwnerVia::Connect,
+            OwnerVia::Listen,
+            OwnerVia::Accept,
+            OwnerVia::Close,
+            OwnerVia::Listener,
+        ] {
+            assert_eq!(owner_via_named(via.name().as_bytes()), Some(via));
+        }
+        assert_eq!(state_named(b"established"), None);
+        assert_eq!(owner_via_named(b"CONNECT"), None);
+    }
+
+    #[test]
+    fn numbers_with_leading_zeros_or_out_of_range_go_to_serde() {
+        let mut c = Scan { b: b"012", i: 0 };
+        assert_eq!(c.u64(), None);
+        let mut c = Scan { b: b"0,", i: 0 };
+        assert_eq!(c.u64(), Some(0));
+        let mut c = Scan {
+            b: b"99999999999999999999",
+            i: 0,
+        };
+        assert_eq!(c.u64(), None);
+        let mut c = Scan {
+            b: b"\"a\x01b\"",
+            i: 0,
+        };
+        assert_eq!(c.plain_str(), None, "serde rejects control characters");
+    }
+
+    #[test]
+    fn word_at_a_time_digits_and_string_scans_match_the_byte_loops() {
+        for text in [
+            "0",
+            "7",
+            "12",
+            "123",
+            "1234567",
+            "12345678",
+            "123456789",
+            "18446744073709551615",
+            "18446744073709551616",
+            "1764000000000000123",
+            "00",
+            "01",
+            "1,",
+            "1}",
+            "12x34",
+            "\u{ff}12",
+            "9:",
+            "9/",
+        ] {
+            let padded = format!("{text},\"unaccepted\":false,\"container\":null}}");
+            let mut fast = Scan {
+                b: padded.as_bytes(),
+                i: 0,
+            };
+            let mut short = Scan {
+                b: text.as_bytes(),
+                i: 0,
+            };
+            let expect = text
+                .bytes()
+                .take_while(u8::is_ascii_digit)
+                .map(|c| c as char)
+                .collect::<String>();
+            let expect = match expect.parse::<u64>() {
+                Ok(n) if !(expect.len() > 1 && expect.starts_with('0')) => Some(n),
+                _ => None,
+            };
+            assert_eq!(fast.u64(), expect, "{text:?}");
+            assert_eq!(short.u64(), expect, "{text:?} without padding");
+        }
+        for (text, expect) in [
+            ("\"2026-11-24T01:54:00.123456789Z\",", Some(30)),
+            ("\"abcdefgh\"", Some(8)),
+            ("\"abcdefg\\\"h\"", None),
+            ("\"abcdefghij\u{7}k\"", None),
+            ("\"abcdefghijé\"", Some(12)),
+            ("\"\"", Some(0)),
+            ("\"abcdefghijklmnop", None),
+        ] {
+            let mut c = Scan {
+                b: text.as_bytes(),
+                i: 0,
+            };
+            assert_eq!(c.plain_str().map(<[u8]>::len), expect, "{text:?}");
+        }
+    }
+}
+
+/// How fast the parser alone reads a log (no I/O, no engine):
+/// `TCPTRACE_LOG=FILE cargo test --release -p tcptrace --lib -- --ignored parse_rate --nocapture`.
+#[cfg(test)]
+#[test]
+#[ignore]
+fn parse_rate() {
+    let path = std::env::var("TCPTRACE_LOG").expect("TCPTRACE_LOG=FILE, an NDJSON log");
+    let text = std::fs::read(&path).expect("a readable log");
+    let lines: Vec<&[u8]> = text
+        .split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    for round in 0..3 {
+        let start = std::time::Instant::now();
+        let mut fast = 0u64;
+        let mut sum = 0u64;
+        for l in &lines {
+            if let Some(t) = parse_own_line(l) {
+                fast += 1;
+                sum = sum.wrapping_add(t.ts_ns);
+            }
+        }
+        let el = start.elapsed();
+        println!(
+            "round {round}: {} lines, {fast} on the fast path, {:.0} ns/line ({:.2} M lines/s) [{sum}]",
+            lines.len(),
+            el.as_nanos() as f64 / lines.len() as f64,
+            lines.len() as f64 / el.as_secs_f64() / 1e6
+        );
+    }
+}
