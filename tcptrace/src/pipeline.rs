@@ -105,8 +105,14 @@ impl Pipeline {
         self.dispatch()
     }
 
+    /// End of input: every connection still open goes out as a lifecycle, a few
+    /// thousand at a time (a million at once would hold gigabytes of records).
     pub fn finish(&mut self, now_ns: u64) -> io::Result<()> {
-        self.engine.finish(now_ns, &mut self.outs);
+        self.engine.tick(now_ns, &mut self.outs);
+        self.dispatch()?;
+        while !self.engine.finish_some(now_ns, 4096, &mut self.outs) {
+            self.dispatch()?;
+        }
         self.dispatch()
     }
 

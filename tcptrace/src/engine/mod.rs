@@ -263,15 +263,26 @@ impl Engine {
     /// firing: the sockets were not seen to close. The engine is empty afterwards.
     pub fn finish(&mut self, now_ns: u64, out: &mut Vec<Output>) {
         self.tick(now_ns, out);
-        let slots: Vec<u32> = self.slab.live_slots().collect();
+        while !self.finish_some(now_ns, usize::MAX, out) {}
+    }
+
+    /// `finish` in steps that emit at most `max` lifecycles each, so that a caller can
+    /// write them out as it goes instead of holding a million at once. Call `tick` first;
+    /// returns true once the engine is empty (and the rules are finished).
+    pub fn finish_some(&mut self, now_ns: u64, max: usize, out: &mut Vec<Output>) -> bool {
+        let slots: Vec<u32> = self.slab.live_slots().take(max).collect();
         for s in slots {
             let c = self.slab.release(s);
             self.index.remove(&c.conn_id);
             self.let_go(c, now_ns, EndReason::Finished, false, out);
         }
-        for r in &mut self.rules {
-            r.finish();
+        if self.index.is_empty() {
+            for r in &mut self.rules {
+                r.finish();
+            }
+            return true;
         }
+        false
     }
 
     pub fn stats(&self) -> EngineStats {
