@@ -85,7 +85,9 @@ pub struct SockInfo {
     pub state: u8,
     /// Inode number of the socket's network namespace; 0 unknown.
     pub netns: u32,
-    pub _pad: [u8; 4],
+    /// 1 for a timewait socket first seen at its end (it predates the program).
+    pub midlife: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Size of [`StateEvent`] on the wire; the decoder checks it.
@@ -158,6 +160,16 @@ pub struct KernelOffsets {
     pub net_inum: u32,
     /// sock_common.skc_num (local port, host order)
     pub skc_num: u32,
+    /// sock_common.skc_dport (remote port, network order)
+    pub skc_dport: u32,
+    /// sock_common.skc_family
+    pub skc_family: u32,
+    /// sock_common.skc_rcv_saddr / skc_daddr (IPv4, network order)
+    pub skc_rcv_saddr: u32,
+    pub skc_daddr: u32,
+    /// sock_common.skc_v6_rcv_saddr / skc_v6_daddr
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_v6_daddr: u32,
     /// inet_timewait_sock.tw_timer
     pub tw_timer: u32,
     /// inet_timewait_sock.tw_substate
@@ -260,4 +272,4 @@ const _: () = assert!(core::mem::size_of::<SockInfo>() == 96);
 const _: () = assert!(core::mem::size_of::<TracepointLayout>() == 28);
 const _: () = assert!(core::mem::size_of::<Cidr>() == 24);
 const _: () = assert!(core::mem::size_of::<Filter>() == 104);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);

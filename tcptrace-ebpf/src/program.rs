@@ -99,6 +99,12 @@ static KOFFS: KernelOffsets = KernelOffsets {
     skc_net: 0,
     net_inum: 0,
     skc_num: 0,
+    skc_dport: 0,
+    skc_family: 0,
+    skc_rcv_saddr: 0,
+    skc_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_v6_daddr: 0,
     tw_timer: 0,
     tw_substate: 0,
     timer_function: 0,
@@ -543,6 +549,11 @@ fn end_tw(tw: u64, ts_ns: u64, jiffies: u64, substate: u8, expires: u64) {
     let _ = TWS.remove(tw);
     // SAFETY: helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
+    let flags = if info.midlife != 0 {
+        EVENT_F_TIMEWAIT | EVENT_F_MIDLIFE
+    } else {
+        EVENT_F_TIMEWAIT
+    };
     if substate == TCP_TIME_WAIT && info.state == TCP_FIN_WAIT2 {
         let jiffy_ns = u64::from(ro(&KOFFS.jiffy_ns));
         let mut at = ts_ns;
@@ -553,26 +564,70 @@ fn end_tw(tw: u64, ts_ns: u64, jiffies: u64, substate: u8, expires: u64) {
                 at = ts_ns.saturating_sub(ago * jiffy_ns);
             }
         }
-        emit(
-            &info,
-            tw,
-            TCP_FIN_WAIT2,
-            TCP_TIME_WAIT,
-            EVENT_F_TIMEWAIT,
-            cpu,
-            at,
-        );
+        emit(&info, tw, TCP_FIN_WAIT2, TCP_TIME_WAIT, flags, cpu, at);
         info.state = TCP_TIME_WAIT;
     }
-    emit(
-        &info,
-        tw,
-        info.state,
-        TCP_CLOSE,
-        EVENT_F_TIMEWAIT,
-        cpu,
-        ts_ns,
-    );
+    emit(&info, tw, info.state, TCP_CLOSE, flags, cpu, ts_ns);
+}
+
+/// A timewait socket we never saw created (it predates the program): starts following it
+/// from its own fields, if the filters keep it, so that its end is reported (mid-life).
+#[inline(always)]
+fn adopt_unknown_tw(tw: u64, substate: u8) -> bool {
+    let Ok(family) = kread::<u16>(tw, ro(&KOFFS.skc_family)) else {
+        return false;
+    };
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET6 {
+        let (Ok(s), Ok(d)) = (
+            kread::<[u8; 16]>(tw, ro(&KOFFS.skc_v6_rcv_saddr)),
+            kread::<[u8; 16]>(tw, ro(&KOFFS.skc_v6_daddr)),
+        ) else {
+            return false;
+        };
+        saddr = s;
+        daddr = d;
+    } else if family == AF_INET {
+        let (Ok(s), Ok(d)) = (
+            kread::<[u8; 4]>(tw, ro(&KOFFS.skc_rcv_saddr)),
+            kread::<[u8; 4]>(tw, ro(&KOFFS.skc_daddr)),
+        ) else {
+            return false;
+        };
+        saddr[..4].copy_from_slice(&s);
+        daddr[..4].copy_from_slice(&d);
+    } else {
+        return false;
+    }
+    let sport = kread::<u16>(tw, ro(&KOFFS.skc_num)).unwrap_or(0);
+    let dport = u16::from_be(kread::<u16>(tw, ro(&KOFFS.skc_dport)).unwrap_or(0));
+    let filter_flags = ro(&FILTER.flags);
+    if filter_flags != 0
+        && (!keep_tuple(filter_flags, family, sport, dport, &saddr, &daddr)
+            || !keep_owner(filter_flags, &Owner::default()))
+    {
+        return false;
+    }
+    let netns = netns_of(tw);
+    if filter_flags & FILTER_NETNS != 0 && netns != ro(&FILTER.netns) {
+        return false;
+    }
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let info = SockInfo {
+        conn_id: next_conn_id(cpu),
+        saddr,
+        daddr,
+        sport,
+        dport,
+        family,
+        state: substate,
+        netns,
+        midlife: 1,
+        ..SockInfo::default()
+    };
+    insert_tw(&tw, &info).is_ok()
 }
 
 /// Concludes a timewait timer cancelled earlier on this CPU that was neither rearmed nor
@@ -698,6 +753,10 @@ pub fn tw_timer_expire(ctx: TracePointContext) -> u32 {
     let now_ns = unsafe { bpf_ktime_get_ns() };
     let substate = kread::<u8>(tw, ro(&KOFFS.tw_substate)).unwrap_or(0);
     let expires = kread::<u64>(timer, ro(&KOFFS.timer_expires)).unwrap_or(0);
+    // SAFETY: map lookup of a plain value.
+    if unsafe { TWS.get(tw) }.is_none() && !adopt_unknown_tw(tw, substate) {
+        return 0;
+    }
     end_tw(tw, now_ns, now, substate, expires);
     0
 }
@@ -720,11 +779,11 @@ pub fn tw_timer_cancel(ctx: TracePointContext) -> u32 {
         return 0;
     };
     conclude_cancel(tw);
+    let substate = kread::<u8>(tw, ro(&KOFFS.tw_substate)).unwrap_or(0);
     // SAFETY: map lookup of a plain value.
-    if unsafe { TWS.get(tw) }.is_none() {
+    if unsafe { TWS.get(tw) }.is_none() && !adopt_unknown_tw(tw, substate) {
         return 0;
     }
-    let substate = kread::<u8>(tw, ro(&KOFFS.tw_substate)).unwrap_or(0);
     let expires = kread::<u64>(timer, ro(&KOFFS.timer_expires)).unwrap_or(0);
     if let Some(p) = PENDING_CANCEL.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; our programs don't nest on one CPU.
@@ -817,6 +876,9 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
     }
     if info.unaccepted != 0 {
         flags |= EVENT_F_UNACCEPTED;
+    }
+    if info.midlife != 0 {
+        flags |= EVENT_F_MIDLIFE;
     }
     let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
         bump(COUNTER_RINGBUF_FULL);

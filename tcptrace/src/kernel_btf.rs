@@ -134,6 +134,12 @@ pub fn kernel_offsets() -> (KernelOffsets, Vec<String>) {
     }
     let timewait = (|| -> Result<(), String> {
         o.skc_num = offset_of(&btf, "sock_common", "skc_num")?;
+        o.skc_dport = offset_of(&btf, "sock_common", "skc_dport")?;
+        o.skc_family = offset_of(&btf, "sock_common", "skc_family")?;
+        o.skc_rcv_saddr = offset_of(&btf, "sock_common", "skc_rcv_saddr")?;
+        o.skc_daddr = offset_of(&btf, "sock_common", "skc_daddr")?;
+        o.skc_v6_rcv_saddr = offset_of(&btf, "sock_common", "skc_v6_rcv_saddr")?;
+        o.skc_v6_daddr = offset_of(&btf, "sock_common", "skc_v6_daddr")?;
         o.tw_timer = offset_of(&btf, "inet_timewait_sock", "tw_timer")?;
         o.tw_substate = offset_of(&btf, "inet_timewait_sock", "tw_substate")?;
         o.timer_function = offset_of(&btf, "timer_list", "function")?;

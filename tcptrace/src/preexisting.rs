@@ -38,8 +38,8 @@ pub struct Adopter {
 }
 
 impl Adopter {
-    /// The `Present` events for `snap` (timewait sockets excepted: the kernel side cannot
-    /// follow one it did not see being created) that pass `filter`, stamped `ts_ns`.
+    /// The `Present` events for `snap` that pass `filter`, stamped `ts_ns`. Timewait
+    /// sockets included: the kernel side reports the end of one it did not see created.
     pub fn seed(&mut self, snap: &Snapshot, filter: &FilterArgs, ts_ns: u64) -> Vec<Transition> {
         // Listening ports (per namespace) and their holders, for unaccepted children.
         let mut listeners: HashMap<(u64, u16), Option<Task>> = HashMap::new();
@@ -50,7 +50,7 @@ impl Adopter {
         }
         let mut out = Vec::new();
         for s in &snap.sockets {
-            if s.timewait || !keeps(filter, s) {
+            if !keeps(filter, s) {
                 continue;
             }
             let id = SEED_ID_BASE | (out.len() as u64 + 1);
@@ -261,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn seeds_carry_owner_or_listener_and_skip_timewait_and_filtered() {
+    fn seeds_carry_owner_or_listener_and_skip_filtered() {
         use TcpState::*;
         let mut tw = sock(TimeWait, "127.0.0.1:5", "127.0.0.1:6", 0, None);
         tw.timewait = true;
@@ -274,7 +274,8 @@ mod tests {
         ]);
         let mut a = Adopter::default();
         let seeds = a.seed(&s, &FilterArgs::default(), 99);
-        assert_eq!(seeds.len(), 4);
+        assert_eq!(seeds.len(), 5);
+        assert_eq!((seeds[4].new, seeds[4].owner), (TimeWait, None));
         assert!(
             seeds
                 .iter()
@@ -296,6 +297,15 @@ mod tests {
             ..FilterArgs::default()
         };
         assert_eq!(Adopter::default().seed(&s, &only_8080, 1).len(), 3);
+        let only_5 = FilterArgs {
+            ports: vec![5],
+            ..FilterArgs::default()
+        };
+        assert_eq!(
+            Adopter::default().seed(&s, &only_5, 1).len(),
+            1,
+            "the timewait one"
+        );
         let pid7 = FilterArgs {
             pid: Some(7),
             ..FilterArgs::default()

@@ -62,10 +62,15 @@ fn start_exactly(args: &[&str], stdout: Stdio) -> Child {
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let deadline = Instant::now() + Duration::from_secs(20);
+    // What it says before it is attached (the snapshot's lines, a first write error) counts.
+    let mut before = String::new();
     loop {
         match lines.next() {
             Some(Ok(l)) if l.contains("tracing TCP state changes") => break,
-            Some(Ok(_)) => {}
+            Some(Ok(l)) => {
+                before.push_str(&l);
+                before.push('\n');
+            }
             _ => panic!("tcptrace {args:?} did not start"),
         }
         assert!(
@@ -74,20 +79,30 @@ fn start_exactly(args: &[&str], stdout: Stdio) -> Child {
         );
     }
     // Keep draining stderr so the child never blocks on it; keep it for assertions.
-    let collected = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let collected = std::sync::Arc::new(std::sync::Mutex::new(before));
     let c = collected.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for l in lines.map_while(Result::ok) {
             c.lock().unwrap().push_str(&l);
             c.lock().unwrap().push('\n');
         }
     });
     STDERR.with(|s| *s.borrow_mut() = Some(collected));
+    STDERR_READER.with(|r| *r.borrow_mut() = Some(reader));
     child
 }
 
 thread_local! {
     static STDERR: std::cell::RefCell<Option<std::sync::Arc<std::sync::Mutex<String>>>> = const { std::cell::RefCell::new(None) };
+    static STDERR_READER: std::cell::RefCell<Option<std::thread::JoinHandle<()>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Everything the child wrote on stderr, once it has exited (its last lines included).
+fn stderr_at_exit() -> String {
+    if let Some(r) = STDERR_READER.with(|r| r.borrow_mut().take()) {
+        r.join().expect("stderr reader");
+    }
+    stderr_so_far()
 }
 
 fn stderr_so_far() -> String {
@@ -445,8 +460,14 @@ fn output_rotates_by_size_and_reopens_on_sighup() {
         0,
         "the moved file got nothing after SIGHUP"
     );
-    assert!(
-        transitions_on(&current, port2) > 0,
+    // ...and the reopened path (with the files it rotated into since) got them all.
+    let mut reopened = current.clone();
+    for p in &files {
+        reopened.extend(ndjson_lines(p));
+    }
+    assert_eq!(
+        transitions_on(&reopened, port2),
+        20 * 10 + 2,
         "the reopened file gets the new lines"
     );
     assert_eq!(current.last().unwrap()["type"], "summary");
@@ -489,7 +510,7 @@ fn a_full_disk_is_reported_once_and_tracing_goes_on() {
         5,
         "{printed}"
     );
-    let err = stderr_so_far();
+    let err = stderr_at_exit();
     let reports: Vec<&str> = err.lines().filter(|l| l.contains("/dev/full")).collect();
     assert_eq!(
         reports.len(),

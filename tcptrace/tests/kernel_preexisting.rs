@@ -65,6 +65,15 @@ fn leaking_server_started_before_the_tracer_is_flagged_with_its_owner() {
             _ => None,
         })
         .collect();
+    // The clients' timewait sockets are present too, owned by no process.
+    let clients: Vec<_> = present.iter().filter(|t| t.local.port() != port).collect();
+    assert_eq!(clients.len(), 3, "{present:#?}");
+    assert!(
+        clients
+            .iter()
+            .all(|t| t.owner.is_none() && t.remote.port() == port)
+    );
+    let present: Vec<_> = present.iter().filter(|t| t.local.port() == port).collect();
     let states: Vec<TcpState> = present.iter().map(|t| t.new).collect();
     assert_eq!(
         states.iter().filter(|s| **s == TcpState::CloseWait).count(),
@@ -342,4 +351,92 @@ fn container_filter_keeps_the_containers_process_only() {
     }
     let _ = std::fs::remove_dir(&scope);
     let _ = std::fs::remove_dir(&parent);
+}
+
+/// A timewait socket older than the tracer: the snapshot reports it, and its end (here:
+/// its namespace deleted, which kills it) continues that same connection, mid-life.
+#[test]
+fn a_timewait_socket_older_than_the_tracer_is_seen_to_end() {
+    let Some(_g) = kernel_guard() else { return };
+    let name = format!("tcptrace-tw-{}", std::process::id());
+    let ok = std::process::Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .expect("ip (iproute2)");
+    assert!(ok.success(), "ip netns add {name}");
+    let mut cleanup = Some(NetnsCleanup(name.clone()));
+    let ns = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let ino = ns.metadata().unwrap().ino() as u32;
+    let cport = in_netns(&ns, || {
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(up.success());
+        let l = TcpListener::bind("127.0.0.1:9400").unwrap();
+        client_closes_first(&l)
+    });
+    runtime().block_on(async {
+        let filter = FilterArgs {
+            netns: Some(ino),
+            ..FilterArgs::default()
+        };
+        let mut tracer = start(TracerConfig {
+            filter: filter.to_kernel().unwrap(),
+            ..TracerConfig::default()
+        });
+        let snap = tcptrace::snapshot::take().expect("snapshot");
+        let mut adopter = Adopter::default();
+        let seeds = adopter.seed(&snap, &filter, snap.taken_mono_start_ns);
+        let tw: Vec<_> = seeds
+            .iter()
+            .filter(|t| t.local.port() == cport && t.remote.port() == 9400)
+            .collect();
+        assert_eq!(tw.len(), 1, "the client's timewait socket: {seeds:#?}");
+        let seed = *tw[0];
+        assert!(
+            matches!(seed.new, TcpState::TimeWait | TcpState::FinWait2),
+            "{seed:?}"
+        );
+        assert_eq!(seed.meta.netns, ino);
+        let mut engine = Engine::new(EngineConfig::default());
+        let mut out = Vec::new();
+        for t in &seeds {
+            engine.on_transition(t, &mut out);
+        }
+        // Deleting the namespace purges its timewait sockets.
+        drop(ns);
+        drop(cleanup.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut ended = None;
+        while ended.is_none() && Instant::now() < deadline {
+            tracer.drain(|b| {
+                let mut t = decode(b).expect("decodable");
+                if t.local.port() != cport || t.new != TcpState::Close {
+                    return;
+                }
+                assert!(t.midlife, "first seen at its end: {t:?}");
+                assert_eq!(adopter.adopt(&mut t), Adopted::Feed);
+                engine.on_transition(&t, &mut out);
+                ended = Some(t);
+            });
+            tracer.wait(Duration::from_millis(100)).await;
+        }
+        let end = ended.expect("the timewait socket's end");
+        assert_eq!(
+            end.conn_id, seed.conn_id,
+            "continues the snapshotted socket"
+        );
+        assert_eq!(end.old, seed.new);
+        let lc = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Lifecycle(l) if l.conn_id == seed.conn_id => Some(l.clone()),
+                _ => None,
+            })
+            .expect("its lifecycle closes");
+        assert!(lc.partial_start, "{lc:?}");
+        assert_no_loss(&tracer.counters());
+    });
 }
