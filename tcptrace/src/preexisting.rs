@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use crate::engine::IdMap;
 use crate::event::{ConnMeta, EventKind, OwnerVia, Task, TcpState, Transition};
 use crate::filter::FilterArgs;
 use crate::snapshot::{SnapSocket, Snapshot};
@@ -32,15 +33,20 @@ pub struct Adopter {
     /// (local, remote) → seed identity, for seeds not yet matched by a live event.
     by_tuple: HashMap<(SocketAddr, SocketAddr), u64>,
     /// Kernel identity → seed identity, for seeds the live stream has continued.
-    by_kernel_id: HashMap<u64, u64>,
-    /// Kernel identities of sockets that started under the tracer (seen `starts_conn`).
-    live_started: HashMap<u64, ()>,
+    by_kernel_id: IdMap<u64>,
+    /// Kernel identities of sockets that started under the tracer before the snapshot was
+    /// finished (so it may list them too), until their first event with a full tuple.
+    live_started: IdMap<()>,
+    /// CLOCK_MONOTONIC at which the snapshot was finished: sockets started later are not
+    /// in it.
+    window_end_ns: u64,
 }
 
 impl Adopter {
     /// The `Present` events for `snap` that pass `filter`, stamped `ts_ns`. Timewait
     /// sockets included: the kernel side reports the end of one it did not see created.
     pub fn seed(&mut self, snap: &Snapshot, filter: &FilterArgs, ts_ns: u64) -> Vec<Transition> {
+        self.window_end_ns = snap.taken_mono_end_ns.max(ts_ns);
         // Listening ports (per namespace) and their holders, for unaccepted children.
         let mut listeners: HashMap<(u64, u16), Option<Task>> = HashMap::new();
         for s in &snap.sockets {
@@ -113,7 +119,8 @@ impl Adopter {
         out
     }
 
-    /// Maps a live event onto the snapshotted socket it continues, if any.
+    /// Maps a live event onto the snapshotted socket it continues, if any. Costs one
+    /// lookup per event while seeds are pending, none once they are all resolved.
     pub fn adopt(&mut self, t: &mut Transition) -> Adopted {
         if self.by_tuple.is_empty() && self.by_kernel_id.is_empty() {
             return Adopted::Feed;
@@ -126,31 +133,30 @@ impl Adopter {
             return Adopted::Feed;
         }
         if t.starts_conn {
-            self.live_started.insert(t.conn_id, ());
+            if t.ts_ns <= self.window_end_ns {
+                self.live_started.insert(t.conn_id, ());
+            }
+            return Adopted::Feed;
+        }
+        let started_live = !self.live_started.is_empty()
+            && t.local.port() != 0
+            && self.live_started.remove(&t.conn_id).is_some();
+        if !t.midlife && !started_live {
             return Adopted::Feed;
         }
         let key = (t.local, t.remote);
-        let Some(&seed) = self.by_tuple.get(&key) else {
+        let Some(seed) = self.by_tuple.remove(&key) else {
             return Adopted::Feed;
         };
-        self.by_tuple.remove(&key);
-        if t.midlife && !self.live_started.contains_key(&t.conn_id) {
-            if t.new != TcpState::Close {
-                self.by_kernel_id.insert(t.conn_id, seed);
-            }
-            t.conn_id = seed;
-            Adopted::Feed
-        } else {
+        if started_live || !t.midlife {
             // Started under the tracer: the snapshot saw it too.
-            self.live_started.remove(&t.conn_id);
-            Adopted::ForgetSeedThenFeed(seed)
+            return Adopted::ForgetSeedThenFeed(seed);
         }
-    }
-
-    /// Forgets what is no longer needed once the snapshot's race window has passed: live
-    /// sockets started before it can no longer be mistaken for seeds.
-    pub fn settle(&mut self) {
-        self.live_started = HashMap::new();
+        if t.new != TcpState::Close {
+            self.by_kernel_id.insert(t.conn_id, seed);
+        }
+        t.conn_id = seed;
+        Adopted::Feed
     }
 
     /// Snapshotted sockets the live stream has not touched yet.
@@ -321,7 +327,8 @@ mod tests {
             sock(Established, "127.0.0.1:9", "127.0.0.1:10", 13, Some(7)),
         ]);
         let mut a = Adopter::default();
-        let seeds = a.seed(&s, &FilterArgs::default(), 1);
+        // The snapshot ended at 100; the live events below happened before (at 10).
+        let seeds = a.seed(&s, &FilterArgs::default(), 100);
         // The leaked socket finally closes: its events continue the seed, to the end.
         let mut e = live(500, "127.0.0.1:8080", "127.0.0.1:5000", CloseWait, LastAck);
         assert_eq!(a.adopt(&mut e), Adopted::Feed);
