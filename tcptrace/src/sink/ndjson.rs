@@ -3,6 +3,7 @@
 //! encoded by hand into a reused byte buffer, without `fmt`; the rare records go through
 //! serde. [`parse_transition`] (in `parse`) reads a transition line back, for `tcptrace analyze`.
 
+mod lifecycle;
 mod parse;
 
 use std::io::{self, Write};
@@ -355,13 +356,7 @@ impl<W: Write> Sink for Ndjson<W> {
                 return self.out.write_all(c.written());
             }
             Output::Lifecycle(l) => {
-                let env = Envelope {
-                    kind: "lifecycle",
-                    schema: SCHEMA_VERSION,
-                    time: self.clock.rfc3339(l.end_ts_ns),
-                    record: l,
-                };
-                serde_json::to_writer(&mut *rare, &env)?;
+                lifecycle::encode_lifecycle(rare, &self.clock.rfc3339(l.end_ts_ns), l);
             }
             Output::Alert(a) => {
                 let env = Envelope {
