@@ -149,6 +149,8 @@ mod tests {
         record: &'a LifecycleRecord,
     }
 
+    // Residues pick the variations; `is_multiple_of` would hide the pattern.
+    #[allow(clippy::manual_is_multiple_of)]
     fn record(i: u64) -> LifecycleRecord {
         let roles = [
             Role::ActiveOpen,
