@@ -155,7 +155,11 @@ impl Write for OutputFile {
                 Err(e) => {
                     self.report("writing to", &e);
                     // Drop the buffered remainder; the next line starts clean in a reopened file.
+                    // Nothing buffered is left: only a later write that reaches the file ends
+                    // the failure spell (else an empty flush of the reopened file would, and
+                    // the next failure would be reported again).
                     self.file = None;
+                    self.pending = false;
                 }
             }
         }
@@ -224,6 +228,24 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d.join("out.ndjson")
+    }
+
+    /// On a full disk the failure spell lasts until something reaches the file: an empty
+    /// flush of the reopened file must not end it (that reported the error twice).
+    #[test]
+    fn a_full_disk_is_one_failure_spell_however_writes_and_flushes_interleave() {
+        let mut f = OutputFile::create(Path::new("/dev/full")).unwrap();
+        let big = vec![b'x'; 100 << 10];
+        f.write_all(b"a line\n").unwrap();
+        f.write_all(&big).unwrap(); // does not fit the buffer: reaches the device, fails
+        assert!(f.failing);
+        f.write_all(b"\n").unwrap();
+        f.flush().unwrap(); // reopens the file at the line boundary
+        f.flush().unwrap(); // nothing buffered in the reopened file
+        assert!(f.failing, "nothing reached the file, the spell goes on");
+        f.write_all(b"another line\n").unwrap();
+        f.flush().unwrap(); // fails again: still the same spell
+        assert!(f.failing);
     }
 
     #[test]
