@@ -136,3 +136,37 @@ fn ebpf_clippy() -> Result<()> {
             .current_dir(workspace_root()),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::workspace_root;
+
+    /// The README's quick start names the test command (the `sh` block's line that says it
+    /// is what CI runs); `.ci/run` must run exactly that, so that what users run is what
+    /// CI runs. Its other lines may only set up the environment.
+    #[test]
+    fn ci_runs_the_readme_test_command() {
+        let root = workspace_root();
+        let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+        let quick_start = readme
+            .split("## Quick start")
+            .nth(1)
+            .and_then(|s| s.split("```sh").nth(1))
+            .and_then(|s| s.split("```").next())
+            .expect("a quick start with an sh block");
+        let readme_test: Vec<&str> = quick_start
+            .lines()
+            .filter(|l| l.contains("what CI runs"))
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .collect();
+        assert_eq!(readme_test, ["cargo xtask test"], "{quick_start}");
+        let ci = std::fs::read_to_string(root.join(".ci/run")).expect(".ci/run");
+        let commands: Vec<&str> = ci
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter(|l| !["set ", "cd ", "export "].iter().any(|p| l.starts_with(p)))
+            .collect();
+        assert_eq!(commands, readme_test, ".ci/run:\n{ci}");
+    }
+}
