@@ -376,7 +376,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    conclude_cancel(0);
+    settle_cancel(0);
 
     let skaddr: u64 = read(ctx, ro(&layout.skaddr))?;
     let old = read::<i32>(ctx, ro(&layout.oldstate))? as u8;
@@ -549,11 +549,8 @@ fn end_tw(tw: u64, ts_ns: u64, jiffies: u64, substate: u8, expires: u64) {
     let _ = TWS.remove(tw);
     // SAFETY: helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let flags = if info.midlife != 0 {
-        EVENT_F_TIMEWAIT | EVENT_F_MIDLIFE
-    } else {
-        EVENT_F_TIMEWAIT
-    };
+    // `emit` adds EVENT_F_MIDLIFE for a socket first seen here.
+    let flags = EVENT_F_TIMEWAIT;
     if substate == TCP_TIME_WAIT && info.state == TCP_FIN_WAIT2 {
         let jiffy_ns = u64::from(ro(&KOFFS.jiffy_ns));
         let mut at = ts_ns;
@@ -630,30 +627,45 @@ fn adopt_unknown_tw(tw: u64, substate: u8) -> bool {
     insert_tw(&tw, &info).is_ok()
 }
 
-/// Concludes a timewait timer cancelled earlier on this CPU that was neither rearmed nor
-/// expired (`except` is the timer being handled right now): the socket was killed then.
+/// Settles the timewait timer cancelled earlier on this CPU against the timer event of
+/// timewait socket `tw` happening now (0 for any other event): the same timer's start or
+/// expiry makes that cancel a rearm or the expiry itself (true); anything else means the
+/// socket was killed then, and its end is reported now, with the cancel's time.
 #[inline(always)]
-fn conclude_cancel(except: u64) {
+fn settle_cancel(tw: u64) -> bool {
     let Some(p) = PENDING_CANCEL.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     // SAFETY: per-CPU slot; our programs don't nest on one CPU.
     let slot = unsafe { &mut *p };
-    let tw = slot.tw;
-    if tw == 0 || tw == except {
-        return;
+    let pending = slot.tw;
+    if pending == 0 {
+        return false;
     }
     slot.tw = 0;
-    end_tw(tw, slot.ts_ns, slot.jiffies, slot.substate, slot.expires);
+    if pending == tw {
+        return true;
+    }
+    end_tw(
+        pending,
+        slot.ts_ns,
+        slot.jiffies,
+        slot.substate,
+        slot.expires,
+    );
+    false
 }
 
-/// The timewait socket whose timer is at `timer`, if the daemon told us where to look.
+/// Whether a timer with this function is a timewait socket's (and we follow them).
 #[inline(always)]
-fn tw_of_timer(timer: u64, function: u64) -> Option<u64> {
-    if ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 || function != ro(&KOFFS.tw_handler) {
-        return None;
-    }
-    Some(timer - u64::from(ro(&KOFFS.tw_timer)))
+fn is_tw_timer(function: u64) -> bool {
+    function == ro(&KOFFS.tw_handler) && ro(&KOFFS.valid) & KOFF_TIMEWAIT != 0
+}
+
+/// The timewait socket whose `tw_timer` is at `timer`.
+#[inline(always)]
+fn tw_of_timer(timer: u64) -> u64 {
+    timer.wrapping_sub(u64::from(ro(&KOFFS.tw_timer)))
 }
 
 /// timer:timer_start. Fires for every kernel timer: the function compare comes first.
@@ -663,26 +675,15 @@ pub fn tw_timer_start(ctx: TracePointContext) -> u32 {
     let Ok(function) = (unsafe { ctx.read_at::<u64>(16) }) else {
         return 0;
     };
-    if function != ro(&KOFFS.tw_handler) || ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 {
+    if !is_tw_timer(function) {
         return 0;
     }
     // SAFETY: as above.
     let Ok(timer) = (unsafe { ctx.read_at::<u64>(8) }) else {
         return 0;
     };
-    let Some(tw) = tw_of_timer(timer, function) else {
-        return 0;
-    };
-    let rearm = PENDING_CANCEL.get_ptr_mut(0).is_some_and(|p| {
-        // SAFETY: per-CPU slot; our programs don't nest on one CPU.
-        let slot = unsafe { &mut *p };
-        let same = slot.tw == tw;
-        if same {
-            slot.tw = 0;
-        }
-        same
-    });
-    conclude_cancel(tw);
+    let tw = tw_of_timer(timer);
+    let rearm = settle_cancel(tw);
     let Ok(substate) = kread::<u8>(tw, ro(&KOFFS.tw_substate)) else {
         return 0;
     };
@@ -721,34 +722,21 @@ pub fn tw_timer_start(ctx: TracePointContext) -> u32 {
 pub fn tw_timer_expire(ctx: TracePointContext) -> u32 {
     // Every CPU expires some timer now and then: a killed timewait socket whose cancel is
     // pending here is concluded soon even on an otherwise idle CPU.
-    // SAFETY: fixed offset of timer_expire_entry's record (checked by the daemon).
-    let timer = unsafe { ctx.read_at::<u64>(8) }.unwrap_or(0);
-    conclude_cancel(timer.wrapping_sub(u64::from(ro(&KOFFS.tw_timer))));
     // SAFETY: fixed offsets of timer_expire_entry's record (checked by the daemon).
-    let Ok(function) = (unsafe { ctx.read_at::<u64>(24) }) else {
+    let Ok(timer) = (unsafe { ctx.read_at::<u64>(8) }) else {
         return 0;
     };
-    if function != ro(&KOFFS.tw_handler) || ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 {
-        return 0;
-    }
+    let tw = tw_of_timer(timer);
+    settle_cancel(tw);
     // SAFETY: as above.
-    let (Ok(timer), Ok(now)) = (unsafe { ctx.read_at::<u64>(8) }, unsafe {
+    let (Ok(function), Ok(now)) = (unsafe { ctx.read_at::<u64>(24) }, unsafe {
         ctx.read_at::<u64>(16)
     }) else {
         return 0;
     };
-    let Some(tw) = tw_of_timer(timer, function) else {
+    if !is_tw_timer(function) {
         return 0;
-    };
-    if let Some(p) = PENDING_CANCEL.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot; our programs don't nest on one CPU.
-        unsafe {
-            if (*p).tw == tw {
-                (*p).tw = 0;
-            }
-        }
     }
-    conclude_cancel(tw);
     // SAFETY: helper without arguments.
     let now_ns = unsafe { bpf_ktime_get_ns() };
     let substate = kread::<u8>(tw, ro(&KOFFS.tw_substate)).unwrap_or(0);
@@ -775,10 +763,11 @@ pub fn tw_timer_cancel(ctx: TracePointContext) -> u32 {
     let Ok(function) = kread::<u64>(timer, ro(&KOFFS.timer_function)) else {
         return 0;
     };
-    let Some(tw) = tw_of_timer(timer, function) else {
+    if !is_tw_timer(function) {
         return 0;
-    };
-    conclude_cancel(tw);
+    }
+    let tw = tw_of_timer(timer);
+    settle_cancel(tw);
     let substate = kread::<u8>(tw, ro(&KOFFS.tw_substate)).unwrap_or(0);
     // SAFETY: map lookup of a plain value.
     if unsafe { TWS.get(tw) }.is_none() && !adopt_unknown_tw(tw, substate) {

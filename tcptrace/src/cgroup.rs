@@ -8,19 +8,24 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::engine::IdMap;
 use crate::event::Transition;
 
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
-/// on hybrid systems), from /proc/self/mountinfo.
+/// on hybrid systems), from /proc/self/mountinfo, read once.
 pub fn cgroup2_root() -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        if post.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        pre.split_whitespace().nth(4).map(PathBuf::from)
+    static ROOT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        text.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            pre.split_whitespace().nth(4).map(PathBuf::from)
+        })
     })
+    .clone()
 }
 
 /// The container id in a cgroup path: the last 64-hex-digit run in it, as runtimes name
@@ -196,7 +201,7 @@ impl CgroupFilter {
 #[derive(Default)]
 pub struct Annotator {
     index: CgroupIndex,
-    containers: HashMap<u64, [u8; 12]>,
+    containers: IdMap<[u8; 12]>,
     filter: CgroupFilter,
 }
 

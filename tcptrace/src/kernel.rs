@@ -43,9 +43,9 @@ pub enum KernelError {
         verifier_tail: String,
     },
     #[error(
-        "attaching to the sock:inet_sock_set_state tracepoint failed: {0}; is this a Linux 4.16+ kernel with tracepoints enabled?"
+        "attaching to the {tracepoint} tracepoint failed: {cause}; is this a Linux 4.16+ kernel with tracepoints enabled?"
     )]
-    Attach(String),
+    Attach { tracepoint: String, cause: String },
     #[error("loading the eBPF object failed: {0}")]
     Load(String),
 }
@@ -208,31 +208,21 @@ impl Tracer {
             unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
                 .map_err(|e| KernelError::Load(e.into_parts().1.to_string()))?;
 
-        let program: &mut TracePoint = ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| KernelError::Load(format!("program {PROGRAM} missing from the object")))?
-            .try_into()
-            .map_err(|e: ProgramError| KernelError::Load(e.to_string()))?;
-        program.load().map_err(verifier_error)?;
-        program
-            .attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)
-            .map_err(|e| KernelError::Attach(e.to_string()))?;
-        let mut prog_fds = vec![
-            program
-                .fd()
-                .map_err(|e| KernelError::Load(e.to_string()))?
-                .as_fd()
-                .as_raw_fd(),
-        ];
+        let mut prog_fds = vec![attach(
+            &mut ebpf,
+            PROGRAM,
+            TRACEPOINT_CATEGORY,
+            TRACEPOINT_NAME,
+        )?];
         // accept(): each attach on its own; a missing one only loses that call's owners.
         if koffs.valid & KOFF_ACCEPT != 0 {
             for (prog, name) in [
                 ("sys_exit_accept4", "sys_exit_accept4"),
                 ("sys_exit_accept", "sys_exit_accept"),
             ] {
-                match attach_hook(&mut ebpf, prog, "syscalls", name) {
+                match attach(&mut ebpf, prog, "syscalls", name) {
                     Ok(fd) => prog_fds.push(fd),
-                    Err(e) => warnings.push(hook_warning(KOFF_ACCEPT, &e)),
+                    Err(e) => warnings.push(hook_warning(KOFF_ACCEPT, &e.to_string())),
                 }
             }
         }
@@ -245,8 +235,8 @@ impl Tracer {
                 ("tw_timer_start", "timer_start"),
             ];
             for (prog, name) in hooks {
-                if let Err(e) = attach_hook(&mut ebpf, prog, "timer", name) {
-                    warnings.push(hook_warning(KOFF_TIMEWAIT, &e));
+                if let Err(e) = attach(&mut ebpf, prog, "timer", name) {
+                    warnings.push(hook_warning(KOFF_TIMEWAIT, &e.to_string()));
                     break;
                 }
             }
@@ -389,23 +379,30 @@ fn timewait_capacity() -> u32 {
         .map_or(SOCK_MAP_ENTRIES, |n| n.clamp(1024, 1 << 20) as u32)
 }
 
-/// Loads and attaches one optional tracepoint program; returns its fd.
-fn attach_hook(
+/// Loads program `prog` and attaches it to tracepoint `category:name`; returns its fd.
+fn attach(
     ebpf: &mut Ebpf,
     prog: &str,
     category: &str,
     name: &str,
-) -> Result<std::os::fd::RawFd, String> {
+) -> Result<std::os::fd::RawFd, KernelError> {
     let program: &mut TracePoint = ebpf
         .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} missing from the object"))?
+        .ok_or_else(|| KernelError::Load(format!("program {prog} missing from the object")))?
         .try_into()
-        .map_err(|e: ProgramError| e.to_string())?;
-    program.load().map_err(|e| verifier_error(e).to_string())?;
+        .map_err(|e: ProgramError| KernelError::Load(e.to_string()))?;
+    program.load().map_err(verifier_error)?;
     program
         .attach(category, name)
-        .map_err(|e| format!("attaching to {category}:{name} failed: {e}"))?;
-    Ok(program.fd().map_err(|e| e.to_string())?.as_fd().as_raw_fd())
+        .map_err(|e| KernelError::Attach {
+            tracepoint: format!("{category}:{name}"),
+            cause: e.to_string(),
+        })?;
+    Ok(program
+        .fd()
+        .map_err(|e| KernelError::Load(e.to_string()))?
+        .as_fd()
+        .as_raw_fd())
 }
 
 /// The fields of the kernel's `struct bpf_prog_info` (uapi/linux/bpf.h) that aya 0.14 does

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use crate::cgroup::cgroup_id_of_pid;
 use crate::engine::IdMap;
 use crate::event::{ConnMeta, EventKind, OwnerVia, Task, TcpState, Transition};
 use crate::filter::FilterArgs;
@@ -54,6 +55,8 @@ impl Adopter {
                 listeners.insert((s.netns, s.local.port()), holder(s));
             }
         }
+        // One process often holds many sockets: its cgroup is read once.
+        let mut cgroups: HashMap<u32, u64> = HashMap::new();
         let mut out = Vec::new();
         for s in &snap.sockets {
             if !keeps(filter, s) {
@@ -69,7 +72,11 @@ impl Adopter {
                 },
                 uid: s.uid,
                 cgroup_id: owner
-                    .and_then(|o| crate::cgroup::cgroup_id_of_pid(o.pid))
+                    .map(|o| {
+                        *cgroups
+                            .entry(o.pid)
+                            .or_insert_with(|| cgroup_id_of_pid(o.pid).unwrap_or(0))
+                    })
                     .unwrap_or(0),
                 netns: s.netns as u32,
                 unaccepted: false,

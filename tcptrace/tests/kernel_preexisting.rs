@@ -116,27 +116,12 @@ fn leaking_server_started_before_the_tracer_is_flagged_with_its_owner() {
 #[test]
 fn ss_state_counts_match_the_engines_in_a_busy_namespace() {
     let Some(_g) = kernel_guard() else { return };
-    let name = format!("tcptrace-test-{}", std::process::id());
-    let ok = std::process::Command::new("ip")
-        .args(["netns", "add", &name])
-        .status()
-        .expect("ip (iproute2)");
-    assert!(ok.success(), "ip netns add {name}");
-    let _cleanup = NetnsCleanup(name.clone());
-    let ns = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
-    use std::os::unix::fs::MetadataExt;
-    let ino = ns.metadata().unwrap().ino() as u32;
-    in_netns(&ns, || {
-        let out = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .unwrap();
-        assert!(out.success());
-    });
+    let named = NamedNetns::new("test");
+    let (ns, ino) = (named.file(), named.ino);
     // Before the tracer: a listener, 2 established pairs, 2 CLOSE_WAIT servers whose
     // clients shut down their side but keep their sockets (FIN_WAIT2). Timewait sockets
     // that predate the tracer are not tracked (they end within a minute): none here.
-    let before = in_netns(&ns, || busy(9100, 2, 2));
+    let before = in_netns(ns, || busy(9100, 2, 2));
     runtime().block_on(async {
         let filter = FilterArgs {
             netns: Some(ino),
@@ -156,7 +141,7 @@ fn ss_state_counts_match_the_engines_in_a_busy_namespace() {
         }
         // After: more of the same, plus connections that end in TIME_WAIT (the client
         // shuts down first and closes after the server: its FIN_WAIT2 → TIME_WAIT is seen).
-        let after = in_netns(&ns, || {
+        let after = in_netns(ns, || {
             let mut socks = busy(9200, 3, 1);
             let l = TcpListener::bind("127.0.0.1:9300").unwrap();
             for _ in 0..4 {
@@ -189,7 +174,7 @@ fn ss_state_counts_match_the_engines_in_a_busy_namespace() {
                 engine.on_transition(&t, &mut out);
             });
             counts_engine = engine.current_state_counts();
-            counts_ss = in_netns(&ns, ss_counts);
+            counts_ss = in_netns(ns, ss_counts);
             if counts_engine == counts_ss || Instant::now() > deadline {
                 break;
             }
@@ -286,16 +271,6 @@ fn ss_counts() -> [u64; 14] {
     c
 }
 
-struct NetnsCleanup(String);
-
-impl Drop for NetnsCleanup {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
-
 /// A process in a container's cgroup (named as docker names them) and one outside it:
 /// every event `--container ID` keeps is the container's process's, stamped with the id.
 #[test]
@@ -358,22 +333,9 @@ fn container_filter_keeps_the_containers_process_only() {
 #[test]
 fn a_timewait_socket_older_than_the_tracer_is_seen_to_end() {
     let Some(_g) = kernel_guard() else { return };
-    let name = format!("tcptrace-tw-{}", std::process::id());
-    let ok = std::process::Command::new("ip")
-        .args(["netns", "add", &name])
-        .status()
-        .expect("ip (iproute2)");
-    assert!(ok.success(), "ip netns add {name}");
-    let mut cleanup = Some(NetnsCleanup(name.clone()));
-    let ns = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
-    use std::os::unix::fs::MetadataExt;
-    let ino = ns.metadata().unwrap().ino() as u32;
-    let cport = in_netns(&ns, || {
-        let up = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .unwrap();
-        assert!(up.success());
+    let named = NamedNetns::new("tw");
+    let ino = named.ino;
+    let cport = in_netns(named.file(), || {
         let l = TcpListener::bind("127.0.0.1:9400").unwrap();
         client_closes_first(&l)
     });
@@ -406,8 +368,7 @@ fn a_timewait_socket_older_than_the_tracer_is_seen_to_end() {
             engine.on_transition(t, &mut out);
         }
         // Deleting the namespace purges its timewait sockets.
-        drop(ns);
-        drop(cleanup.take());
+        drop(named);
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut ended = None;
         while ended.is_none() && Instant::now() < deadline {

@@ -22,6 +22,16 @@ pub enum Role {
 }
 
 impl Role {
+    /// The name the NDJSON schema uses (serde's snake_case).
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::ActiveOpen => "active_open",
+            Role::PassiveOpen => "passive_open",
+            Role::Listener => "listener",
+            Role::Unknown => "unknown",
+        }
+    }
+
     /// The role a first-seen transition implies; mid-life sockets often cannot say.
     pub fn from_first(old: TcpState, new: TcpState) -> Role {
         use TcpState::*;
@@ -41,6 +51,15 @@ pub enum Family {
     Ipv6,
 }
 
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
 /// Why the record was emitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,6 +72,17 @@ pub enum EndReason {
     Finished,
     /// The kernel side started a new identity under the same conn_id (should not happen).
     Superseded,
+}
+
+impl EndReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            EndReason::Closed => "closed",
+            EndReason::Evicted => "evicted",
+            EndReason::Finished => "finished",
+            EndReason::Superseded => "superseded",
+        }
+    }
 }
 
 /// One state the connection passed through.

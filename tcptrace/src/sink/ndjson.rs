@@ -16,8 +16,8 @@ pub use self::parse::{
 };
 use super::time::{Rfc3339Cache, WallClock};
 use super::{RunSummary, SCHEMA_VERSION, Sink};
-use crate::engine::{Output, Role, TransitionRecord};
-use crate::event::{Comm, EventKind, OwnerVia};
+use crate::engine::{Output, TransitionRecord};
+use crate::event::{Comm, OwnerVia};
 
 pub struct Ndjson<W: Write> {
     out: W,
@@ -87,15 +87,7 @@ impl<'a> Cursor<'a> {
     /// Decimal text of `n` (what `{n}` writes), without `fmt`.
     #[inline(always)]
     fn u64(&mut self, n: u64) {
-        const E16: u64 = 10_000_000_000_000_000;
-        if n >= E16 {
-            // Seventeen digits or more (rare: a cgroup id, a clock far from boot).
-            let high = n / E16;
-            self.put16(ascii_digits(high, digits(high)), digits(high));
-            self.put16(ascii_digits(n % E16, 16), 16);
-        } else {
-            self.put16(ascii_digits(n, digits(n)), digits(n));
-        }
+        decimal(n, |w, len| self.put16(w, len));
     }
 
     /// Stores all sixteen bytes of `w`, keeps `len` of them.
@@ -177,6 +169,21 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Decimal text of `n` as one or two register-built chunks of up to 16 digits, handed to
+/// `put` as (little-endian digits, length).
+#[inline(always)]
+pub(crate) fn decimal(n: u64, mut put: impl FnMut(u128, usize)) {
+    const E16: u64 = 10_000_000_000_000_000;
+    if n >= E16 {
+        // Seventeen digits or more (rare: a cgroup id, a clock far from boot).
+        let high = n / E16;
+        put(ascii_digits(high, digits(high)), digits(high));
+        put(ascii_digits(n % E16, 16), 16);
+    } else {
+        put(ascii_digits(n, digits(n)), digits(n));
+    }
+}
+
 /// How many decimal digits `n` has.
 #[inline(always)]
 fn digits(n: u64) -> usize {
@@ -214,15 +221,6 @@ fn push_json_str(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
 }
 
-fn role_name(r: Role) -> &'static str {
-    match r {
-        Role::ActiveOpen => "active_open",
-        Role::PassiveOpen => "passive_open",
-        Role::Listener => "listener",
-        Role::Unknown => "unknown",
-    }
-}
-
 /// Appends one transition line (with its newline) to `buf`.
 pub fn encode_transition(buf: &mut String, clock: &WallClock, r: &TransitionRecord) {
     let mut line = Box::new([0u8; MAX_LINE]);
@@ -240,12 +238,9 @@ pub fn encode_transition_into(
 ) {
     let t = &r.t;
     // `transition`, or `accept`/`handoff`/`present` for the events that change no state.
-    match t.kind {
-        EventKind::State => c.put(b"{\"type\":\"transition\",\"schema\":"),
-        EventKind::Accept => c.put(b"{\"type\":\"accept\",\"schema\":"),
-        EventKind::Handoff => c.put(b"{\"type\":\"handoff\",\"schema\":"),
-        EventKind::Present => c.put(b"{\"type\":\"present\",\"schema\":"),
-    }
+    c.put(b"{\"type\":\"");
+    c.put_slice(t.kind.record_type().as_bytes());
+    c.put(b"\",\"schema\":");
     c.u64(u64::from(SCHEMA_VERSION));
     c.put(b",\"ts_ns\":");
     c.u64(t.ts_ns);
@@ -297,7 +292,7 @@ pub fn encode_transition_into(
     c.put(b",\"task_comm\":");
     c.comm(&t.task.comm);
     c.put(b",\"role\":\"");
-    c.put_slice(role_name(r.role).as_bytes());
+    c.put_slice(r.role.name().as_bytes());
     c.put(b"\",\"legal\":");
     c.bool(r.legal);
     c.put(b",\"gap\":");
@@ -407,6 +402,8 @@ impl<W: Write> Sink for Ndjson<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Role;
+    use crate::event::EventKind;
     use crate::event::{ConnMeta, Task, TcpState, Transition};
 
     fn sample(owner: Option<Task>, kernel_owner: bool) -> TransitionRecord {

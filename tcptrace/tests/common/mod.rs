@@ -234,3 +234,56 @@ fn loopback_up() {
         libc::close(fd);
     }
 }
+
+/// An active closer's whole life with TIME_WAIT followed.
+pub const CLIENT_THROUGH_TIME_WAIT: [TcpState; 7] = [
+    TcpState::Close,
+    TcpState::SynSent,
+    TcpState::Established,
+    TcpState::FinWait1,
+    TcpState::FinWait2,
+    TcpState::TimeWait,
+    TcpState::Close,
+];
+
+/// A network namespace named in /run/netns, as `ip netns add` makes them (so that the
+/// start-up snapshot finds it), with `lo` up. Dropping it deletes the namespace, which
+/// purges its timewait sockets.
+pub struct NamedNetns {
+    name: String,
+    file: Option<std::fs::File>,
+    pub ino: u32,
+}
+
+impl NamedNetns {
+    pub fn new(tag: &str) -> NamedNetns {
+        let name = format!("tcptrace-{tag}-{}", std::process::id());
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (iproute2)");
+        assert!(ok.success(), "ip netns add {name}");
+        let file = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
+        use std::os::unix::fs::MetadataExt;
+        let ino = file.metadata().expect("netns inode").ino() as u32;
+        in_netns(&file, loopback_up);
+        NamedNetns {
+            name,
+            file: Some(file),
+            ino,
+        }
+    }
+
+    pub fn file(&self) -> &std::fs::File {
+        self.file.as_ref().expect("open until dropped")
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        self.file = None;
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

@@ -4,21 +4,11 @@
 
 use std::io::Write as _;
 
-use super::SCHEMA_VERSION;
-use crate::engine::{EndReason, Family, LifecycleRecord, Role};
+use super::{SCHEMA_VERSION, decimal};
+use crate::engine::LifecycleRecord;
 
-fn u64_to(buf: &mut Vec<u8>, mut n: u64) {
-    let mut d = [0u8; 20];
-    let mut i = d.len();
-    loop {
-        i -= 1;
-        d[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&d[i..]);
+fn u64_to(buf: &mut Vec<u8>, n: u64) {
+    decimal(n, |w, len| buf.extend_from_slice(&w.to_le_bytes()[..len]));
 }
 
 fn opt_u64_to(buf: &mut Vec<u8>, n: Option<u64>) {
@@ -30,24 +20,6 @@ fn opt_u64_to(buf: &mut Vec<u8>, n: Option<u64>) {
 
 fn bool_to(buf: &mut Vec<u8>, b: bool) {
     buf.extend_from_slice(if b { b"true" } else { b"false" });
-}
-
-fn role(r: Role) -> &'static [u8] {
-    match r {
-        Role::ActiveOpen => b"active_open",
-        Role::PassiveOpen => b"passive_open",
-        Role::Listener => b"listener",
-        Role::Unknown => b"unknown",
-    }
-}
-
-fn end(e: EndReason) -> &'static [u8] {
-    match e {
-        EndReason::Closed => b"closed",
-        EndReason::Evicted => b"evicted",
-        EndReason::Finished => b"finished",
-        EndReason::Superseded => b"superseded",
-    }
 }
 
 /// Appends the record's line (without the newline): `time` is its RFC 3339 end time.
@@ -64,12 +36,9 @@ pub fn encode_lifecycle(buf: &mut Vec<u8>, time: &str, l: &LifecycleRecord) {
         ",\"local\":\"{}\",\"remote\":\"{}\",\"family\":\"",
         l.local, l.remote
     );
-    buf.extend_from_slice(match l.family {
-        Family::Ipv4 => b"ipv4",
-        Family::Ipv6 => b"ipv6",
-    });
+    buf.extend_from_slice(l.family.name().as_bytes());
     buf.extend_from_slice(b"\",\"role\":\"");
-    buf.extend_from_slice(role(l.role));
+    buf.extend_from_slice(l.role.name().as_bytes());
     buf.extend_from_slice(b"\",\"owner\":");
     match &l.owner {
         Some(o) => {
@@ -119,7 +88,7 @@ pub fn encode_lifecycle(buf: &mut Vec<u8>, time: &str, l: &LifecycleRecord) {
         None => buf.extend_from_slice(b"null"),
     }
     buf.extend_from_slice(b",\"end\":\"");
-    buf.extend_from_slice(end(l.end));
+    buf.extend_from_slice(l.end.name().as_bytes());
     buf.extend_from_slice(b"\",\"complete\":");
     bool_to(buf, l.complete);
     buf.extend_from_slice(b",\"partial_start\":");
@@ -136,7 +105,7 @@ pub fn encode_lifecycle(buf: &mut Vec<u8>, time: &str, l: &LifecycleRecord) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CloseKind, PathStep};
+    use crate::engine::{CloseKind, EndReason, Family, PathStep, Role};
     use crate::event::{Comm, Task, TcpState};
 
     #[derive(serde::Serialize)]

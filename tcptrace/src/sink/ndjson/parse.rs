@@ -235,7 +235,7 @@ impl<'a> Scan<'a> {
 
     #[inline(always)]
     fn state(&mut self) -> Option<TcpState> {
-        state_named(self.plain_str()?)
+        TcpState::from_name_bytes(self.plain_str()?)
     }
 
     #[inline(always)]
@@ -334,43 +334,6 @@ fn ipv4(s: &[u8]) -> Option<Ipv4Addr> {
     (i == s.len()).then(|| Ipv4Addr::from(octets))
 }
 
-/// `TcpState::from_name` as one `match` (a jump on the length, then one compare) rather
-/// than a search through the names.
-#[inline(always)]
-fn state_named(s: &[u8]) -> Option<TcpState> {
-    use TcpState::*;
-    Some(match s {
-        b"ESTABLISHED" => Established,
-        b"SYN_SENT" => SynSent,
-        b"SYN_RECV" => SynRecv,
-        b"FIN_WAIT1" => FinWait1,
-        b"FIN_WAIT2" => FinWait2,
-        b"TIME_WAIT" => TimeWait,
-        b"CLOSE" => Close,
-        b"CLOSE_WAIT" => CloseWait,
-        b"LAST_ACK" => LastAck,
-        b"LISTEN" => Listen,
-        b"CLOSING" => Closing,
-        b"NEW_SYN_RECV" => NewSynRecv,
-        b"BOUND_INACTIVE" => BoundInactive,
-        _ => return None,
-    })
-}
-
-/// `OwnerVia::from_name`, the same way.
-#[inline(always)]
-fn owner_via_named(s: &[u8]) -> Option<OwnerVia> {
-    Some(match s {
-        b"unknown" => OwnerVia::Unknown,
-        b"connect" => OwnerVia::Connect,
-        b"listen" => OwnerVia::Listen,
-        b"accept" => OwnerVia::Accept,
-        b"close" => OwnerVia::Close,
-        b"listener" => OwnerVia::Listener,
-        _ => return None,
-    })
-}
-
 /// `Comm::new` of a string already checked to be UTF-8: its first 15 bytes. `rest` is the
 /// line from the string's start: sixteen bytes of it are taken in one load where the line
 /// has them (ours always do), and the bytes past the string masked off.
@@ -449,7 +412,7 @@ fn parse_own_line(line: &[u8]) -> Option<Transition> {
     c.lit(b",\"cpu\":")?;
     let cpu = c.u32()?;
     c.lit(b",\"owner_via\":")?;
-    let owner_via = owner_via_named(c.plain_str()?)?;
+    let owner_via = OwnerVia::from_name_bytes(c.plain_str()?)?;
     c.lit(b",\"owner_uid\":")?;
     let uid = c.opt_u32()?.unwrap_or(0);
     c.lit(b",\"cgroup_id\":")?;
@@ -546,12 +509,8 @@ pub fn parse_transition_json(line: &str) -> Result<Option<Transition>, ParseErro
         Some(v) => return Err(ParseError::Schema(v)),
         None => return Err(ParseError::Missing("schema")),
     }
-    let kind = match &*l.kind {
-        "transition" => EventKind::State,
-        "accept" => EventKind::Accept,
-        "handoff" => EventKind::Handoff,
-        "present" => EventKind::Present,
-        _ => return Ok(None),
+    let Some(kind) = EventKind::from_record_type(&l.kind) else {
+        return Ok(None);
     };
     let skaddr = l
         .skaddr
@@ -640,20 +599,14 @@ mod tests {
     #[test]
     fn names_read_as_from_name_reads_them() {
         for st in TcpState::ALL {
-            assert_eq!(state_named(st.name().as_bytes()), Some(st));
+            assert_eq!(TcpState::from_name_bytes(st.name().as_bytes()), Some(st));
         }
-        for via in [
-            OwnerVia::Unknown,
-            OwnerVia::Connect,
-            OwnerVia::Listen,
-            OwnerVia::Accept,
-            OwnerVia::Close,
-            OwnerVia::Listener,
-        ] {
-            assert_eq!(owner_via_named(via.name().as_bytes()), Some(via));
+        for via in OwnerVia::ALL {
+            assert_eq!(OwnerVia::from_name_bytes(via.name().as_bytes()), Some(via));
+            assert_eq!(OwnerVia::from_name(via.name()), Some(via));
         }
-        assert_eq!(state_named(b"established"), None);
-        assert_eq!(owner_via_named(b"CONNECT"), None);
+        assert_eq!(TcpState::from_name_bytes(b"established"), None);
+        assert_eq!(OwnerVia::from_name_bytes(b"CONNECT"), None);
     }
 
     #[test]
