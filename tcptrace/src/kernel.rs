@@ -137,10 +137,12 @@ fn verifier_error(e: ProgramError) -> KernelError {
             io_error,
             verifier_log,
         } => {
-            if is_eperm(&io_error) {
+            let log = verifier_log.to_string();
+            // The verifier rejects a program with EACCES too: only without its log is
+            // EACCES/EPERM about privileges.
+            if is_eperm(&io_error) && log.trim().is_empty() {
                 return KernelError::NotPermitted;
             }
-            let log = verifier_log.to_string();
             let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
             let tail = lines[lines.len().saturating_sub(15)..].join("\n");
             KernelError::Verifier {
