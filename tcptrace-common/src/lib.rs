@@ -111,6 +111,13 @@ pub const EVENT_F_ACCEPT: u32 = 1 << 5;
 /// the application closed), which the kernel's state tracepoint never reports.
 pub const EVENT_F_TIMEWAIT: u32 = 1 << 6;
 
+/// Bytes at the start of the `inet_sock_set_state` record the program copies with direct
+/// context loads (one instruction per word, where a helper call per field costs tens of
+/// nanoseconds). Every field it reads must lie within, past the 8 bytes of common fields,
+/// and the record must be at least this long (it is 72 bytes from 4.16 to 6.18, with a u8
+/// or a u16 protocol); the daemon checks the live layout.
+pub const TP_RECORD_BYTES: usize = 72;
+
 /// Byte offsets of the `sock:inet_sock_set_state` fields in the raw tracepoint record,
 /// read by the daemon from tracefs and written into the program's read-only globals before
 /// load. The layout changed across kernels (`protocol` was a u8 before 5.6).

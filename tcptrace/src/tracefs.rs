@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tcptrace_common::TracepointLayout;
+use tcptrace_common::{TP_RECORD_BYTES, TracepointLayout};
 
 pub const TRACEPOINT_CATEGORY: &str = "sock";
 pub const TRACEPOINT_NAME: &str = "inet_sock_set_state";
@@ -130,14 +130,29 @@ pub fn parse_format(text: &str) -> Result<TracepointLayout, TracefsError> {
                 "field `{name}` has size {size}, expected {sizes:?}"
             )));
         }
+        // The program copies the record's first TP_RECORD_BYTES once and reads fields there.
         let off = u16::try_from(off)
             .ok()
-            .filter(|o| *o < 4096)
+            .filter(|o| *o >= 8 && usize::from(*o) + size as usize <= TP_RECORD_BYTES)
             .ok_or_else(|| {
-                TracefsError::Layout(format!("field `{name}` offset {off} is implausible"))
+                TracefsError::Layout(format!(
+                    "field `{name}` at offset {off} lies outside bytes 8 to {TP_RECORD_BYTES} of the record, which is all tcptrace reads"
+                ))
             })?;
         Ok((off, size as u16))
     };
+    // The program copies exactly TP_RECORD_BYTES (the attach refuses reads past the record).
+    let end = fields
+        .iter()
+        .map(|&(_, off, size)| off + size)
+        .max()
+        .unwrap_or(0);
+    let record = end.next_multiple_of(8) as usize;
+    if record < TP_RECORD_BYTES {
+        return Err(TracefsError::Layout(format!(
+            "the record is {record} bytes, shorter than the {TP_RECORD_BYTES} tcptrace reads"
+        )));
+    }
     let (protocol, protocol_size) = get("protocol", &[1, 2])?;
     Ok(TracepointLayout {
         skaddr: get("skaddr", &[8])?.0,
@@ -194,6 +209,23 @@ mod tests {
         );
         let err = parse_format(&wide).unwrap_err().to_string();
         assert!(err.contains("`saddr` has size 8"), "{err}");
+        let far = FMT_6_18.replace("daddr_v6[16];\toffset:56;", "daddr_v6[16];\toffset:64;");
+        assert_ne!(far, FMT_6_18);
+        let err = parse_format(&far).unwrap_err().to_string();
+        assert!(
+            err.contains("`daddr_v6` at offset 64 lies outside bytes 8 to 72"),
+            "{err}"
+        );
+        let short: String = FMT_6_18
+            .lines()
+            .filter(|l| !l.contains("daddr_v6"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let err = parse_format(&short).unwrap_err().to_string();
+        assert!(
+            err.contains("the record is 56 bytes, shorter than the 72"),
+            "{err}"
+        );
         assert!(parse_format("").is_err());
         assert!(parse_format("garbage\nfield:\nfield:int x;\toffset:zz;").is_err());
     }
