@@ -87,7 +87,7 @@ impl<'a> Cursor<'a> {
     /// Decimal text of `n` (what `{n}` writes), without `fmt`.
     #[inline(always)]
     fn u64(&mut self, n: u64) {
-        decimal(n, |w, len| self.put16(w, len));
+        self.put_slice(itoa::Buffer::new().format(n).as_bytes());
     }
 
     /// Stores all sixteen bytes of `w`, keeps `len` of them.
@@ -167,40 +167,6 @@ impl<'a> Cursor<'a> {
             self.put_slice(&text);
         }
     }
-}
-
-/// Decimal text of `n` as one or two register-built chunks of up to 16 digits, handed to
-/// `put` as (little-endian digits, length).
-#[inline(always)]
-pub(crate) fn decimal(n: u64, mut put: impl FnMut(u128, usize)) {
-    const E16: u64 = 10_000_000_000_000_000;
-    if n >= E16 {
-        // Seventeen digits or more (rare: a cgroup id, a clock far from boot).
-        let high = n / E16;
-        put(ascii_digits(high, digits(high)), digits(high));
-        put(ascii_digits(n % E16, 16), 16);
-    } else {
-        put(ascii_digits(n, digits(n)), digits(n));
-    }
-}
-
-/// How many decimal digits `n` has.
-#[inline(always)]
-fn digits(n: u64) -> usize {
-    n.checked_ilog10().unwrap_or(0) as usize + 1
-}
-
-/// The last `len` (at most 16) decimal digits of `n` as ASCII, first digit in the lowest
-/// byte, built in a register: written byte by byte into memory and then copied, they would
-/// stall the copy on store forwarding.
-#[inline(always)]
-pub(crate) fn ascii_digits(mut n: u64, len: usize) -> u128 {
-    let mut acc = u128::from_le_bytes([b'0'; 16]);
-    for k in (0..len).rev() {
-        acc |= u128::from((n % 10) as u8) << (8 * k);
-        n /= 10;
-    }
-    acc
 }
 
 fn push_json_str(buf: &mut Vec<u8>, s: &str) {

@@ -81,10 +81,11 @@ impl Rfc3339Cache {
         }
         let p = self.prefix.len();
         out[..p].copy_from_slice(&self.prefix);
-        // Nine digits and the Z, built in a register (see `ndjson::ascii_digits`).
+        // Nine digits, zero-padded: the ten digits of 1e9 + nanos without their leading 1.
         let nanos = (unix % 1_000_000_000) as u64;
-        let text = super::ndjson::ascii_digits(nanos, 9) & !(0xff << 72) | (u128::from(b'Z') << 72);
-        out[p..p + 16].copy_from_slice(&text.to_le_bytes());
+        let mut digits = itoa::Buffer::new();
+        out[p..p + 9].copy_from_slice(&digits.format(1_000_000_000 + nanos).as_bytes()[1..]);
+        out[p + 9] = b'Z';
         p + 10
     }
 }

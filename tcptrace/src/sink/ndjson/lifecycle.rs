@@ -4,11 +4,11 @@
 
 use std::io::Write as _;
 
-use super::{SCHEMA_VERSION, decimal};
+use super::SCHEMA_VERSION;
 use crate::engine::LifecycleRecord;
 
 fn u64_to(buf: &mut Vec<u8>, n: u64) {
-    decimal(n, |w, len| buf.extend_from_slice(&w.to_le_bytes()[..len]));
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn opt_u64_to(buf: &mut Vec<u8>, n: Option<u64>) {
