@@ -4,6 +4,8 @@
 
 use std::io::Write as _;
 
+use std::net::SocketAddr;
+
 use super::SCHEMA_VERSION;
 use crate::engine::LifecycleRecord;
 
@@ -15,6 +17,26 @@ fn opt_u64_to(buf: &mut Vec<u8>, n: Option<u64>) {
     match n {
         Some(n) => u64_to(buf, n),
         None => buf.extend_from_slice(b"null"),
+    }
+}
+
+/// What `Display` writes; IPv4, the common case, without `fmt`.
+fn socket_addr_to(buf: &mut Vec<u8>, addr: &SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            let [x, y, z, w] = a.ip().octets();
+            for (i, octet) in [x, y, z, w].into_iter().enumerate() {
+                if i > 0 {
+                    buf.push(b'.');
+                }
+                u64_to(buf, u64::from(octet));
+            }
+            buf.push(b':');
+            u64_to(buf, u64::from(a.port()));
+        }
+        SocketAddr::V6(a) => {
+            let _ = write!(buf, "{a}");
+        }
     }
 }
 
@@ -31,11 +53,11 @@ pub fn encode_lifecycle(buf: &mut Vec<u8>, time: &str, l: &LifecycleRecord) {
     buf.extend_from_slice(b"\",\"conn_id\":");
     u64_to(buf, l.conn_id);
     // Addresses print with no character JSON would escape.
-    let _ = write!(
-        buf,
-        ",\"local\":\"{}\",\"remote\":\"{}\",\"family\":\"",
-        l.local, l.remote
-    );
+    buf.extend_from_slice(b",\"local\":\"");
+    socket_addr_to(buf, &l.local);
+    buf.extend_from_slice(b"\",\"remote\":\"");
+    socket_addr_to(buf, &l.remote);
+    buf.extend_from_slice(b"\",\"family\":\"");
     buf.extend_from_slice(l.family.name().as_bytes());
     buf.extend_from_slice(b"\",\"role\":\"");
     buf.extend_from_slice(l.role.name().as_bytes());
@@ -139,7 +161,10 @@ mod tests {
             local: if v6 {
                 "[fe80::1]:443".parse().unwrap()
             } else {
-                "10.0.0.1:8080".parse().unwrap()
+                // Octets and ports of every width.
+                format!("10.{}.{}.1:{}", i % 256, (i * 37) % 256, (i * 331) % 65536)
+                    .parse()
+                    .unwrap()
             },
             remote: if v6 {
                 "[::1]:0".parse().unwrap()
