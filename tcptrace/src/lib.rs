@@ -5,6 +5,7 @@
 //! and [`analyze`] drive the same [`pipeline`], live from the kernel or from a recorded log.
 
 pub mod analyze;
+pub mod background;
 pub mod cgroup;
 pub mod cli;
 pub mod decode;

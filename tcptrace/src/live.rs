@@ -67,7 +67,19 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
                 max_bytes: args.rotate_size,
                 keep: args.rotate_keep,
             };
-            Box::new(crate::output::OutputFile::with_rotation(path, rotation)?)
+            let file = crate::output::OutputFile::with_rotation(path, rotation)?;
+            // Written on its own thread: the ring-buffer reader never waits on the disk. The
+            // thread needs no capability, and would otherwise keep them all: they are per
+            // thread, and the reader drops its own only once attached.
+            Box::new(crate::background::Background::spawn(
+                "tcptrace-output",
+                file,
+                || {
+                    if let Err(e) = kernel::drop_capabilities() {
+                        log::warn!("output thread: {e}");
+                    }
+                },
+            )?)
         };
         match args.format {
             FileFormat::Ndjson => sinks.push(Box::new(Ndjson::new(w, clock))),

@@ -281,27 +281,50 @@ fn bad_flags_and_missing_privileges_are_one_sentence_and_nonzero() {
 #[test]
 fn the_daemon_drops_every_capability_once_attached() {
     let Some(_g) = kernel_guard() else { return };
-    let child = start(&["--view", "none"], Stdio::null());
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let cap = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-            .unwrap_or("?")
-            .to_string()
-    };
-    assert_eq!(
-        (cap("CapEff:"), cap("CapPrm:")),
-        ("0000000000000000".into(), "0000000000000000".into()),
-        "{status}"
+    // With an output file, whose writer thread is started before the program is attached:
+    // capabilities are per thread, so every thread is checked.
+    let out = tmpdir("caps").join("out.ndjson");
+    let child = start(
+        &["--view", "none", "--output", out.to_str().unwrap()],
+        Stdio::null(),
     );
-    assert_eq!(cap("NoNewPrivs:"), "1");
-    // And it still works without them: counters, ring buffer, a clean exit.
+    let statuses: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path().join("status")).unwrap())
+        .collect();
+    // Stopped before asserting, so that a failure leaves no tracer running.
     churn(3);
     std::thread::sleep(Duration::from_millis(300));
     stop(child);
+    assert!(
+        statuses.len() >= 2,
+        "the reader and the output writer: {statuses:?}"
+    );
+    for status in statuses {
+        let cap = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("?")
+                .to_string()
+        };
+        assert_eq!(
+            (cap("CapEff:"), cap("CapPrm:")),
+            ("0000000000000000".into(), "0000000000000000".into()),
+            "{status}"
+        );
+        assert_eq!(cap("NoNewPrivs:"), "1", "{status}");
+    }
+    // And it still works without them: counters, ring buffer, a clean exit.
     assert!(!stderr_so_far().contains("rror"), "{}", stderr_so_far());
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        written
+            .lines()
+            .any(|l| l.contains("\"type\":\"transition\"")),
+        "the writer thread wrote the churn's transitions: {written}"
+    );
 }
 
 #[test]
