@@ -55,6 +55,13 @@ fn cpu_pct(run: &Run) -> Option<f64> {
     Some(d.cpu_seconds / run.load.elapsed.as_secs_f64() * 100.0)
 }
 
+/// The daemon's CPU per event it reported (issue #6's userspace target: 0.5 µs).
+fn us_per_event(run: &Run) -> Option<f64> {
+    let d = run.daemon.as_ref()?;
+    let seen = run.seen.as_ref()?.transitions;
+    (seen > 0).then(|| d.cpu_seconds / seen as f64 * 1e6)
+}
+
 /// Mean run time of the tracer's BPF program per invocation (needs BPF stats on).
 fn bpf_ns_per_event(run: &Run) -> Option<f64> {
     let p = run.daemon.as_ref()?.prog;
@@ -92,6 +99,9 @@ pub fn one_line(run: &Run) -> String {
     }
     if let Some(cpu) = cpu_pct(run) {
         write!(s, ", daemon CPU {cpu:.0}%").ok();
+    }
+    if let Some(us) = us_per_event(run) {
+        write!(s, " ({us:.2} µs/event)").ok();
     }
     if let Some(ns) = bpf_ns_per_event(run) {
         write!(s, ", BPF {ns:.0} ns/event").ok();
@@ -152,6 +162,7 @@ struct Row {
     seen: u64,
     tool_lost: Option<u64>,
     cpu: Vec<f64>,
+    us_per_event: Vec<f64>,
     peak_rss_kib: u64,
     startup: Vec<f64>,
     bpf_ns: Vec<f64>,
@@ -185,6 +196,7 @@ fn rows(outcome: &Outcome) -> Vec<Row> {
                     .sum(),
                 tool_lost: (!tool_lost.is_empty()).then(|| tool_lost.iter().sum()),
                 cpu: runs.iter().filter_map(|r| cpu_pct(r)).collect(),
+                us_per_event: runs.iter().filter_map(|r| us_per_event(r)).collect(),
                 peak_rss_kib: runs
                     .iter()
                     .filter_map(|r| Some(r.daemon.as_ref()?.peak_rss_kib))
@@ -247,7 +259,7 @@ pub fn table(outcome: &Outcome) -> String {
     writeln!(w).ok();
     writeln!(
         w,
-        "{:<14} {:>9} {:>17}   {:>6} {:>13}   {:>11} {:>11} {:>18}   {:>6} {:>9} {:>9}",
+        "{:<14} {:>9} {:>17}   {:>6} {:>13}   {:>11} {:>11} {:>18}   {:>6} {:>6} {:>9} {:>9}",
         "tracer",
         "conn/s",
         "(min-max)",
@@ -257,6 +269,7 @@ pub fn table(outcome: &Outcome) -> String {
         "seen",
         "lost (%)",
         "CPU %",
+        "µs/ev",
         "peak RSS",
         "BPF ns/ev"
     )
@@ -274,8 +287,8 @@ pub fn table(outcome: &Outcome) -> String {
         if row.tracer == Tracer::Untraced {
             writeln!(
                 w,
-                "{:>6} {:>13}   {:>11} {:>11} {:>18}   {:>6} {:>9} {:>9}",
-                "1.000", "", "-", "-", "-", "-", "-", "-"
+                "{:>6} {:>13}   {:>11} {:>11} {:>18}   {:>6} {:>6} {:>9} {:>9}",
+                "1.000", "", "-", "-", "-", "-", "-", "-", "-"
             )
             .ok();
             continue;
@@ -302,13 +315,14 @@ pub fn table(outcome: &Outcome) -> String {
         };
         writeln!(
             w,
-            "{:>6.3} {:>13}   {:>11} {:>11} {:>18}   {:>6.1} {:>5} MiB {:>9}",
+            "{:>6.3} {:>13}   {:>11} {:>11} {:>18}   {:>6.1} {:>6} {:>5} MiB {:>9}",
             median(row.ratios.clone()).unwrap_or(f64::NAN),
             format!("({rlo:.3}-{rhi:.3})"),
             expected,
             seen,
             lost,
             median(row.cpu.clone()).unwrap_or(f64::NAN),
+            median(row.us_per_event.clone()).map_or("-".to_owned(), |us| format!("{us:.2}")),
             row.peak_rss_kib / 1024,
             median(row.bpf_ns.clone()).map_or("-".to_owned(), |ns| format!("{ns:.0}")),
         )
@@ -350,6 +364,11 @@ pub fn table(outcome: &Outcome) -> String {
     writeln!(
         w,
         "  / load wall time, in % of one core (median); peak RSS: its VmHWM at exit (max)."
+    )
+    .ok();
+    writeln!(
+        w,
+        "µs/ev: that CPU time / the events it reported (seen), in microseconds (median)."
     )
     .ok();
     if outcome
@@ -515,6 +534,7 @@ fn run_json(outcome: &Outcome, run: &Run) -> Value {
             "cpu_seconds": d.cpu_seconds,
             "cpu_seconds_during_load": d.cpu_seconds_in_load,
             "cpu_percent": cpu_pct(run),
+            "cpu_us_per_event": us_per_event(run),
             "peak_rss_kib": d.peak_rss_kib,
             "exit": d.exit,
             "startup_seconds": run.startup.map(|s| s.as_secs_f64()),
