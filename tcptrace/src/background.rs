@@ -80,9 +80,15 @@ fn run<W: Write>(mut inner: W, from_reader: &Receiver<Msg>, give_back: &Sender<V
     while let Ok(msg) = from_reader.recv() {
         match msg {
             Msg::Lines(mut chunk) => {
-                // The inner writer's errors are its own to report (see `spawn`).
-                for line in chunk.split_inclusive(|&b| b == b'\n') {
-                    let _ = inner.write_all(line);
+                // The inner writer's errors are its own to report (see `spawn`). Vectorised
+                // newline search: a byte-by-byte split took more time than the writes.
+                let mut start = 0;
+                for end in memchr::memchr_iter(b'\n', &chunk) {
+                    let _ = inner.write_all(&chunk[start..=end]);
+                    start = end + 1;
+                }
+                if start < chunk.len() {
+                    let _ = inner.write_all(&chunk[start..]);
                 }
                 chunk.clear();
                 let _ = give_back.send(chunk);
