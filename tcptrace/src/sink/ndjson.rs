@@ -118,25 +118,19 @@ impl<'a> Cursor<'a> {
         self.n += len;
     }
 
-    /// Stores all sixteen bytes of `w`, keeps `len` of them.
-    #[inline(always)]
-    fn put16(&mut self, w: u128, len: usize) {
-        self.b[self.n..self.n + 16].copy_from_slice(&w.to_le_bytes());
-        self.n += len;
-    }
-
-    /// `0x…` lower-case hex (what `{:#x}` writes).
+    /// `0x…` lower-case hex (what `{:#x}` writes), nibbles through a table straight into
+    /// the line.
     #[inline(always)]
     fn hex(&mut self, mut n: u64) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        self.put(b"0x");
         let len = (64 - n.leading_zeros() as usize).div_ceil(4).max(1);
-        let mut acc = 0u128;
+        let out = &mut self.b[self.n..self.n + 16];
         for k in (0..len).rev() {
-            let d = (n & 0xf) as u8;
-            acc |= u128::from(if d < 10 { b'0' + d } else { b'a' - 10 + d }) << (8 * k);
+            out[k] = HEX[(n & 0xf) as usize];
             n >>= 4;
         }
-        self.put(b"0x");
-        self.put16(acc, len);
+        self.n += len;
     }
 
     fn bool(&mut self, b: bool) {
@@ -450,7 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn integers_are_written_as_display_writes_them() {
+    fn integers_are_written_as_display_and_lower_hex_write_them() {
         let mut line = Box::new([0u8; MAX_LINE]);
         let mut want = String::new();
         let mut c = Cursor::new(&mut line);
@@ -466,6 +460,11 @@ mod tests {
         }
         c.u64(u64::MAX);
         want.push_str(&u64::MAX.to_string());
+        for v in [0, 1, 0xf, 0x10, 0xabc, 0xffff_8880_0000_1000, u64::MAX] {
+            c.put(b",");
+            c.hex(v);
+            want.push_str(&format!(",{v:#x}"));
+        }
         assert_eq!(std::str::from_utf8(c.written()).unwrap(), want);
     }
 
