@@ -327,6 +327,50 @@ fn the_daemon_drops_every_capability_once_attached() {
     );
 }
 
+/// Batching must not make the live view lag (issue #6): on an idle machine a lone
+/// transition is in the output file within 250 ms. The reader polls every 100 ms below the
+/// wake-up threshold and the output thread flushes after every drain.
+#[test]
+fn a_lone_transition_reaches_the_output_file_within_250_ms() {
+    let Some(_g) = kernel_guard() else { return };
+    let out = tmpdir("latency").join("out.ndjson");
+    let child = start(
+        &["--view", "none", "--output", out.to_str().unwrap()],
+        Stdio::null(),
+    );
+    let mut delays = Vec::new();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(300));
+        // The listener's own close is the last event, the moment `churn` returns.
+        let port = churn(1);
+        let t0 = Instant::now();
+        let closed = format!("\"lport\":{port},");
+        let arrived = loop {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            if text
+                .lines()
+                .any(|l| l.contains(&closed) && l.contains("\"old\":\"LISTEN\",\"new\":\"CLOSE\""))
+            {
+                break Some(t0.elapsed());
+            }
+            if t0.elapsed() > Duration::from_secs(3) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        delays.push(arrived);
+    }
+    stop(child);
+    eprintln!("lone transition to the file: {delays:?}");
+    assert!(
+        delays
+            .iter()
+            .all(|d| d.is_some_and(|d| d <= Duration::from_millis(250))),
+        "{delays:?}\n{}",
+        stderr_at_exit()
+    );
+}
+
 #[test]
 fn analyze_reports_a_malformed_line_by_number_and_keeps_what_it_computed() {
     let d = tmpdir("analyze");
