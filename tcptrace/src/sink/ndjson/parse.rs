@@ -2,9 +2,15 @@
 //! (exactly the field order `encode_transition` writes, no escapes, no whitespace) and the
 //! full serde parser for anything else. The fast path accepts a subset of what serde
 //! accepts and reads it to the same `Transition`; whatever it is unsure of goes to serde.
+//! Our own lifecycle lines are only checked for form (see `lifecycle_line`).
+
+mod lifecycle_line;
+mod words;
+
+use words::*;
 
 use std::borrow::Cow;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use serde::Deserialize;
 
@@ -92,13 +98,13 @@ impl<'a> Scan<'a> {
         let b = self.b;
         let start = self.i;
         let mut i = start;
+        // Unchecked arithmetic: nineteen digits cannot overflow, and longer numbers are
+        // read again with checks (`end_u64`), which keeps the common case branch-free.
         let mut n: u64 = 0;
         while let Some(chunk) = b.get(i..i + 8) {
             let (count, value) = swar_digits(u64::from_le_bytes(chunk.try_into().ok()?));
-            if count > 0 {
-                n = n.checked_mul(POW10[count])?.checked_add(u64::from(value))?;
-                i += count;
-            }
+            n = n.wrapping_mul(POW10[count]).wrapping_add(u64::from(value));
+            i += count;
             if count < 8 {
                 return self.end_u64(start, i, n);
             }
@@ -108,7 +114,7 @@ impl<'a> Scan<'a> {
             if d > 9 {
                 break;
             }
-            n = n.checked_mul(10)?.checked_add(u64::from(d))?;
+            n = n.wrapping_mul(10).wrapping_add(u64::from(d));
             i += 1;
         }
         self.end_u64(start, i, n)
@@ -116,11 +122,58 @@ impl<'a> Scan<'a> {
 
     #[inline(always)]
     fn end_u64(&mut self, start: usize, end: usize, n: u64) -> Option<u64> {
-        if end == start || (self.b[start] == b'0' && end - start > 1) {
+        let len = end - start;
+        if len == 0 || (self.b[start] == b'0' && len > 1) {
             return None;
         }
+        let n = if len > 19 {
+            checked_decimal(&self.b[start..end])?
+        } else {
+            n
+        };
         self.i = end;
         Some(n)
+    }
+
+    /// A JSON unsigned integer whose value nobody reads: only its form is checked, as
+    /// the full parser checks an ignored number's (any length; no leading zero).
+    #[inline(always)]
+    fn skip_uint(&mut self) -> Option<()> {
+        let b = self.b;
+        let start = self.i;
+        let mut i = start;
+        loop {
+            match b.get(i..i + 8) {
+                Some(chunk) => {
+                    let stop = non_digits(u64::from_le_bytes(chunk.try_into().ok()?));
+                    if stop != 0 {
+                        i += (stop.trailing_zeros() / 8) as usize;
+                        break;
+                    }
+                    i += 8;
+                }
+                None => {
+                    while b.get(i).is_some_and(u8::is_ascii_digit) {
+                        i += 1;
+                    }
+                    break;
+                }
+            }
+        }
+        if i == start || (b[start] == b'0' && i - start > 1) {
+            return None;
+        }
+        self.i = i;
+        Some(())
+    }
+
+    /// `null` or an unsigned integer, unread.
+    #[inline(always)]
+    fn skip_opt_uint(&mut self) -> Option<()> {
+        if self.b.get(self.i) == Some(&b'n') {
+            return self.lit(b"null");
+        }
+        self.skip_uint()
     }
 
     #[inline(always)]
@@ -144,11 +197,31 @@ impl<'a> Scan<'a> {
         }
     }
 
+    /// Hex digits (either case) up to the first other byte, as a u64 (None if the value
+    /// does not fit). Eight digits at a time: a byte loop mispredicted on every switch
+    /// between digits and letters, which a socket address has plenty of.
     #[inline(always)]
     fn hex(&mut self) -> Option<u64> {
+        let b = self.b;
         let start = self.i;
+        let mut i = start;
         let mut n: u64 = 0;
-        while let Some(&c) = self.b.get(self.i) {
+        while let Some(chunk) = b.get(i..i + 8) {
+            let (count, value) = swar_hex(u64::from_le_bytes(chunk.try_into().ok()?));
+            if count > 0 {
+                // The digits so far must leave room for `count` more.
+                if n >> (64 - 4 * count) != 0 {
+                    return None;
+                }
+                n = (n << (4 * count)) | u64::from(value);
+                i += count;
+            }
+            if count < 8 {
+                self.i = i;
+                return (i > start).then_some(n);
+            }
+        }
+        while let Some(&c) = b.get(i) {
             let d = match c {
                 b'0'..=b'9' => c - b'0',
                 b'a'..=b'f' => c - b'a' + 10,
@@ -156,9 +229,10 @@ impl<'a> Scan<'a> {
                 _ => break,
             };
             n = n.checked_mul(16)?.checked_add(u64::from(d))?;
-            self.i += 1;
+            i += 1;
         }
-        (self.i > start).then_some(n)
+        self.i = i;
+        (i > start).then_some(n)
     }
 
     /// The contents of a JSON string without escapes or control characters (anything
@@ -240,6 +314,17 @@ impl<'a> Scan<'a> {
 
     #[inline(always)]
     fn ip(&mut self) -> Option<IpAddr> {
+        // A dotted quad read straight off the line and closed by the quote: the text a
+        // string scan would have found, without the scan.
+        if self.b.get(self.i) == Some(&b'"') {
+            let at = self.i + 1;
+            if let Some((a, n)) = ipv4_prefix(&self.b[at..])
+                && self.b.get(at + n) == Some(&b'"')
+            {
+                self.i = at + n + 1;
+                return Some(IpAddr::V4(a));
+            }
+        }
         let s = self.plain_str()?;
         match ipv4(s) {
             Some(a) => Some(IpAddr::V4(a)),
@@ -247,91 +332,6 @@ impl<'a> Scan<'a> {
             None => std::str::from_utf8(s).ok()?.parse().ok(),
         }
     }
-}
-
-const ONES: u64 = 0x0101_0101_0101_0101;
-const HIGHS: u64 = 0x8080_8080_8080_8080;
-
-const POW10: [u64; 9] = [
-    1,
-    10,
-    100,
-    1_000,
-    10_000,
-    100_000,
-    1_000_000,
-    10_000_000,
-    100_000_000,
-];
-
-/// The high bit of each byte of `w` that is zero (exact, no carries between bytes).
-#[inline(always)]
-fn zero_bytes(w: u64) -> u64 {
-    !((((w & !HIGHS) + !HIGHS) | w) | !HIGHS)
-}
-
-/// The high bit of each byte of `w` a plain string scan must stop at: `"`, `\`, a control
-/// character or a non-ASCII byte.
-#[inline(always)]
-fn special_bytes(w: u64) -> u64 {
-    let quote = zero_bytes(w ^ (ONES * u64::from(b'"')));
-    let backslash = zero_bytes(w ^ (ONES * u64::from(b'\\')));
-    // Bytes below 0x20: their top three bits are all zero.
-    let control = zero_bytes(w & (ONES * 0xe0));
-    quote | backslash | control | (w & HIGHS)
-}
-
-/// The decimal digits at the start of the 8 bytes in `w` (little-endian: first byte
-/// lowest): how many, and their value.
-#[inline(always)]
-fn swar_digits(w: u64) -> (usize, u32) {
-    // A byte is a digit when its high nibble is 3 and adding 6 keeps it 3 (0x30..=0x39). A
-    // carry out of a byte >= 0xfa only disturbs the bytes after it, past the digits.
-    let t = (w & (ONES * 0xf0)) | ((w.wrapping_add(ONES * 0x06) & (ONES * 0xf0)) >> 4);
-    let not_digit = !zero_bytes(t ^ (ONES * 0x33)) & HIGHS;
-    let count = (not_digit.trailing_zeros() / 8) as usize;
-    if count == 0 {
-        return (0, 0);
-    }
-    // Drop the bytes after the digits: they become leading zeros of an 8-digit number.
-    // Then pairs, quads and the eight combine by multiplication (as simdjson does).
-    let v = (w << (8 * (8 - count))) & (ONES * 0x0f);
-    let v = v.wrapping_mul(10 * (1 << 8) + 1) >> 8;
-    let v = (v & 0x00ff_00ff_00ff_00ff).wrapping_mul(100 * (1 << 16) + 1) >> 16;
-    let v = (v & 0x0000_ffff_0000_ffff).wrapping_mul(10_000 * (1 << 32) + 1) >> 32;
-    (count, v as u32)
-}
-
-/// A dotted quad exactly as std reads one (1–3 digits per octet, at most 255, no leading
-/// zero), without std's general parser; None for anything else, which std then reads.
-#[inline(always)]
-fn ipv4(s: &[u8]) -> Option<Ipv4Addr> {
-    let mut octets = [0u8; 4];
-    let mut i = 0;
-    for (k, octet) in octets.iter_mut().enumerate() {
-        if k > 0 {
-            if s.get(i) != Some(&b'.') {
-                return None;
-            }
-            i += 1;
-        }
-        let start = i;
-        let mut v: u32 = 0;
-        while let Some(&c) = s.get(i) {
-            let d = c.wrapping_sub(b'0');
-            if d > 9 || i - start == 3 {
-                break;
-            }
-            v = v * 10 + u32::from(d);
-            i += 1;
-        }
-        let len = i - start;
-        if len == 0 || v > 255 || (len > 1 && s[start] == b'0') {
-            return None;
-        }
-        *octet = v as u8;
-    }
-    (i == s.len()).then(|| Ipv4Addr::from(octets))
 }
 
 /// `Comm::new` of a string already checked to be UTF-8: its first 15 bytes. `rest` is the
@@ -370,7 +370,11 @@ fn parse_own_line(line: &[u8]) -> Option<Transition> {
     c.lit(b",\"skaddr\":\"0x")?;
     let skaddr = c.hex()?;
     c.lit(b"\",\"family\":")?;
-    c.plain_str()?;
+    // Strings that nearly always hold one value are tried as that literal first: the same
+    // bytes a string scan would accept, at the cost of one compare.
+    if c.lit(b"\"ipv4\"").is_none() {
+        c.plain_str()?;
+    }
     c.lit(b",\"laddr\":")?;
     let laddr = c.ip()?;
     c.lit(b",\"lport\":")?;
@@ -392,7 +396,10 @@ fn parse_own_line(line: &[u8]) -> Option<Transition> {
     c.lit(b",\"owner_comm\":")?;
     let owner_comm = c.opt_comm()?;
     c.lit(b",\"owner_source\":")?;
-    let owner_source = c.plain_str()?;
+    let owner_source = match c.lit(b"\"kernel\"") {
+        Some(()) => b"kernel",
+        None => c.plain_str()?,
+    };
     c.lit(b",\"task_pid\":")?;
     let task_pid = c.u32()?;
     c.lit(b",\"task_tid\":")?;
@@ -488,6 +495,7 @@ pub fn parse_transition(line: &str) -> Result<Option<Transition>, ParseError> {
 pub fn parse_transition_bytes(line: &[u8]) -> Result<Option<Transition>, ParseError> {
     match parse_own_line(line) {
         Some(t) => Ok(Some(t)),
+        None if lifecycle_line::own_lifecycle_line(line) => Ok(None),
         None => parse_other_line(line),
     }
 }
@@ -570,152 +578,4 @@ pub fn parse_transition_json(line: &str) -> Result<Option<Transition>, ParseErro
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dotted_quads_read_as_std_reads_them() {
-        for s in [
-            "0.0.0.0",
-            "127.0.0.1",
-            "255.255.255.255",
-            "10.0.1.49",
-            "256.0.0.1",
-            "01.2.3.4",
-            "1.2.3",
-            "1.2.3.4.",
-            "1.2.3.4.5",
-            "1..3.4",
-            "1.2.3.0004",
-            "1.2.3.-4",
-            "",
-            "::1",
-            "1.2.3.4 ",
-        ] {
-            assert_eq!(ipv4(s.as_bytes()), s.parse::<Ipv4Addr>().ok(), "{s:?}");
-        }
-    }
-
-    #[test]
-    fn names_read_as_from_name_reads_them() {
-        for st in TcpState::ALL {
-            assert_eq!(TcpState::from_name_bytes(st.name().as_bytes()), Some(st));
-        }
-        for via in OwnerVia::ALL {
-            assert_eq!(OwnerVia::from_name_bytes(via.name().as_bytes()), Some(via));
-            assert_eq!(OwnerVia::from_name(via.name()), Some(via));
-        }
-        assert_eq!(TcpState::from_name_bytes(b"established"), None);
-        assert_eq!(OwnerVia::from_name_bytes(b"CONNECT"), None);
-    }
-
-    #[test]
-    fn numbers_with_leading_zeros_or_out_of_range_go_to_serde() {
-        let mut c = Scan { b: b"012", i: 0 };
-        assert_eq!(c.u64(), None);
-        let mut c = Scan { b: b"0,", i: 0 };
-        assert_eq!(c.u64(), Some(0));
-        let mut c = Scan {
-            b: b"99999999999999999999",
-            i: 0,
-        };
-        assert_eq!(c.u64(), None);
-        let mut c = Scan {
-            b: b"\"a\x01b\"",
-            i: 0,
-        };
-        assert_eq!(c.plain_str(), None, "serde rejects control characters");
-    }
-
-    #[test]
-    fn word_at_a_time_digits_and_string_scans_match_the_byte_loops() {
-        for text in [
-            "0",
-            "7",
-            "12",
-            "123",
-            "1234567",
-            "12345678",
-            "123456789",
-            "18446744073709551615",
-            "18446744073709551616",
-            "1764000000000000123",
-            "00",
-            "01",
-            "1,",
-            "1}",
-            "12x34",
-            "\u{ff}12",
-            "9:",
-            "9/",
-        ] {
-            let padded = format!("{text},\"unaccepted\":false,\"container\":null}}");
-            let mut fast = Scan {
-                b: padded.as_bytes(),
-                i: 0,
-            };
-            let mut short = Scan {
-                b: text.as_bytes(),
-                i: 0,
-            };
-            let expect = text
-                .bytes()
-                .take_while(u8::is_ascii_digit)
-                .map(|c| c as char)
-                .collect::<String>();
-            let expect = match expect.parse::<u64>() {
-                Ok(n) if !(expect.len() > 1 && expect.starts_with('0')) => Some(n),
-                _ => None,
-            };
-            assert_eq!(fast.u64(), expect, "{text:?}");
-            assert_eq!(short.u64(), expect, "{text:?} without padding");
-        }
-        for (text, expect) in [
-            ("\"2026-11-24T01:54:00.123456789Z\",", Some(30)),
-            ("\"abcdefgh\"", Some(8)),
-            ("\"abcdefg\\\"h\"", None),
-            ("\"abcdefghij\u{7}k\"", None),
-            ("\"abcdefghijé\"", Some(12)),
-            ("\"\"", Some(0)),
-            ("\"abcdefghijklmnop", None),
-        ] {
-            let mut c = Scan {
-                b: text.as_bytes(),
-                i: 0,
-            };
-            assert_eq!(c.plain_str().map(<[u8]>::len), expect, "{text:?}");
-        }
-    }
-}
-
-/// How fast the parser alone reads a log (no I/O, no engine):
-/// `TCPTRACE_LOG=FILE cargo test --release -p tcptrace --lib -- --ignored parse_rate --nocapture`.
-#[cfg(test)]
-#[test]
-#[ignore]
-fn parse_rate() {
-    let path = std::env::var("TCPTRACE_LOG").expect("TCPTRACE_LOG=FILE, an NDJSON log");
-    let text = std::fs::read(&path).expect("a readable log");
-    let lines: Vec<&[u8]> = text
-        .split(|&c| c == b'\n')
-        .filter(|l| !l.is_empty())
-        .collect();
-    for round in 0..3 {
-        let start = std::time::Instant::now();
-        let mut fast = 0u64;
-        let mut sum = 0u64;
-        for l in &lines {
-            if let Some(t) = parse_own_line(l) {
-                fast += 1;
-                sum = sum.wrapping_add(t.ts_ns);
-            }
-        }
-        let el = start.elapsed();
-        println!(
-            "round {round}: {} lines, {fast} on the fast path, {:.0} ns/line ({:.2} M lines/s) [{sum}]",
-            lines.len(),
-            el.as_nanos() as f64 / lines.len() as f64,
-            lines.len() as f64 / el.as_secs_f64() / 1e6
-        );
-    }
-}
+mod tests;
