@@ -9,6 +9,7 @@ mod contenders;
 mod count;
 mod extra;
 mod load;
+mod onset;
 mod report;
 mod soak;
 mod sysctl;
@@ -66,6 +67,9 @@ pub struct BenchArgs {
     /// 300s), its RSS sampled every few seconds; reports first/last/max RSS and the loss.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     soak: Option<Duration>,
+    /// Leave out the paced tcptrace runs that find the rate where loss starts.
+    #[arg(long)]
+    skip_onset: bool,
     /// Connections held open in the engine for the memory figure.
     #[arg(long, default_value_t = 1_000_000)]
     memory_connections: u64,
@@ -200,6 +204,7 @@ pub fn run(mut args: BenchArgs, workspace: &Path) -> Result<()> {
         clients: args.clients,
         servers: args.servers,
         duration: Duration::from_secs(args.seconds),
+        rate: None,
     };
     let tw_guard = sysctl::TwReuse::ensure()?;
     let tw_reuse = tw_guard.describe();
@@ -300,16 +305,47 @@ pub fn run(mut args: BenchArgs, workspace: &Path) -> Result<()> {
             }
         }
     }
+    // Where loss starts: paced runs below the flat-out rate (not in --quick).
+    let onset = (!args.quick
+        && !args.skip_onset
+        && !ABORT.load(Ordering::Relaxed)
+        && contenders.tcptrace.is_some())
+    .then(|| {
+        let rates = |t: Tracer| -> Vec<f64> {
+            runs.iter()
+                .filter(|r| r.tracer == t)
+                .map(|r| r.load.per_second())
+                .collect()
+        };
+        let untraced = median(rates(Tracer::Untraced))?;
+        let flat_out = median(rates(Tracer::Tcptrace)).map(|rate| {
+            let (expected, seen) = runs.iter().filter(|r| r.tracer == Tracer::Tcptrace).fold(
+                (0u64, 0u64),
+                |(e, s), r| {
+                    let seen = r.seen.as_ref().map_or(0, |x| x.transitions);
+                    (e + r.load.expected_transitions(), s + seen)
+                },
+            );
+            let lost = expected.saturating_sub(seen) as f64 / expected.max(1) as f64;
+            (rate, lost * 100.0)
+        });
+        Some(onset::figure(
+            onset::sweep(&ctx, &contenders, untraced),
+            flat_out,
+        ))
+    })
+    .flatten();
     drop(tw_guard);
     drop(bpf_stats);
     remove_big_files(&raw);
     let interrupted = ABORT.load(Ordering::Relaxed);
 
-    let figures = if interrupted {
+    let mut figures = if interrupted {
         Vec::new()
     } else {
         extra_figures(contenders.tcptrace.as_deref(), replay_log.as_ref(), &args)
     };
+    figures.extend(onset);
     if let Some((log, _)) = &replay_log {
         std::fs::remove_file(log).ok();
     }
@@ -367,6 +403,11 @@ fn reexec_optimized(workspace: &Path) {
         .args(std::env::args_os().skip(1))
         .exec();
     eprintln!("bench: could not run the optimized xtask ({err}); carrying on with this build");
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 /// Logs of runs that failed half-way; the small stderr files stay for diagnosis.

@@ -90,6 +90,7 @@ impl Contenders {
 }
 
 /// What one run needs besides the tracer.
+#[derive(Clone, Copy)]
 pub struct RunContext<'a> {
     pub load: &'a LoadConfig,
     pub raw: &'a Path,

@@ -20,7 +20,7 @@ pub struct Figure {
 }
 
 impl Figure {
-    fn unavailable(name: &'static str, why: impl Into<String>) -> Figure {
+    pub fn unavailable(name: &'static str, why: impl Into<String>) -> Figure {
         let why = why.into();
         Figure {
             name,

@@ -34,6 +34,8 @@ pub struct LoadConfig {
     pub clients: usize,
     pub servers: usize,
     pub duration: Duration,
+    /// Connections per second in all, spread evenly over the clients; None: flat out.
+    pub rate: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -125,9 +127,12 @@ pub fn run(cfg: &LoadConfig, abort: &AtomicBool) -> Result<LoadResult> {
                 .map(|&p| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p)))
                 .collect();
             let (stop, first_error) = (Arc::clone(&clients_stop), Arc::clone(&first_error));
+            let interval = cfg
+                .rate
+                .map(|r| Duration::from_secs_f64(cfg.clients as f64 / r.max(1.0)));
             thread::Builder::new()
                 .name(format!("bench-client-{i}"))
-                .spawn(move || churn(i, &targets, &stop, &first_error))
+                .spawn(move || churn(i, &targets, interval, &stop, &first_error))
                 .expect("spawn a client thread")
         })
         .collect();
@@ -216,15 +221,26 @@ fn listen(port: u16) -> Result<TcpListener> {
 
 /// One client thread: connect, close at once (the client closes first), repeat. Successive
 /// connections go to successive ports so that no port's ephemeral-port search saturates.
+/// With `interval`, paced: one connection per interval on a fixed schedule (a late one is
+/// made at once, so the mean rate holds while the machine keeps up).
 fn churn(
     index: usize,
     targets: &[SocketAddr],
+    interval: Option<Duration>,
     stop: &AtomicBool,
     first_error: &Mutex<Option<String>>,
 ) -> (u64, u64) {
     let (mut ok, mut errors) = (0u64, 0u64);
     let mut next = index;
+    let mut due = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if let Some(interval) = interval {
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+            due += interval;
+        }
         let target = targets[next % targets.len()];
         next = next.wrapping_add(1);
         match TcpStream::connect(target) {
