@@ -252,7 +252,14 @@ pub const COUNTER_READ_ERROR: u32 = 2;
 pub const COUNTER_SOCK_MAP_FULL: u32 = 3;
 /// TCP transitions the in-kernel filters dropped (on purpose; not a loss).
 pub const COUNTER_FILTERED: u32 = 4;
-pub const COUNTER_COUNT: u32 = 5;
+/// A `→ CLOSE` event found the ring buffer full and went to `DEFERRED_CLOSES` instead,
+/// which the daemon empties after the ring buffer: delivered late, not lost.
+pub const COUNTER_DEFERRED: u32 = 5;
+pub const COUNTER_COUNT: u32 = 6;
+
+/// Capacity of the queue of deferred `→ CLOSE` events (144 bytes each). A connection whose
+/// end is lost stays in the engine until evicted; this keeps bursts from doing that.
+pub const DEFERRED_CLOSES: u32 = 16384;
 
 /// Default capacity of the kernel map that carries identity and owner across a socket's
 /// events (~130 bytes each, preallocated); `--max-sockets` changes it at load time.

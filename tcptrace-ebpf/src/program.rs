@@ -14,19 +14,19 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, Queue, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::error;
 use tcptrace_common::{
-    AF_INET, AF_INET6, COUNTER_COUNT, COUNTER_FILTERED, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL,
-    COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED, Cidr, EVENT_F_ACCEPT, EVENT_F_MIDLIFE,
-    EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN, EVENT_F_TIMEWAIT, EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED,
-    FILTER_COMM, FILTER_FAMILY, FILTER_LADDR, FILTER_NETNS, FILTER_PID, FILTER_PORTS, FILTER_RADDR,
-    Filter, IPPROTO_TCP, KOFF_ACCEPT, KOFF_NETNS, KOFF_TIMEWAIT, KernelOffsets, MAX_FILTER_PORTS,
-    OWNER_SRC_ACCEPT, OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_LISTENER,
-    OWNER_SRC_NONE, Owner, SOCK_MAP_ENTRIES, SockInfo, StateEvent, TP_RECORD_BYTES,
-    TracepointLayout,
+    AF_INET, AF_INET6, COUNTER_COUNT, COUNTER_DEFERRED, COUNTER_FILTERED, COUNTER_READ_ERROR,
+    COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED, Cidr, DEFERRED_CLOSES,
+    EVENT_F_ACCEPT, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN, EVENT_F_TIMEWAIT,
+    EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED, FILTER_COMM, FILTER_FAMILY, FILTER_LADDR, FILTER_NETNS,
+    FILTER_PID, FILTER_PORTS, FILTER_RADDR, Filter, IPPROTO_TCP, KOFF_ACCEPT, KOFF_NETNS,
+    KOFF_TIMEWAIT, KernelOffsets, MAX_FILTER_PORTS, OWNER_SRC_ACCEPT, OWNER_SRC_CLOSE,
+    OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_LISTENER, OWNER_SRC_NONE, Owner,
+    SOCK_MAP_ENTRIES, SockInfo, StateEvent, TP_RECORD_BYTES, TracepointLayout,
 };
 
 const TCP_ESTABLISHED: u8 = 1;
@@ -127,6 +127,17 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// `→ CLOSE` events that found the ring buffer full. Losing one would leave its connection
+/// open in the daemon until evicted (memory that grows under sustained overload), so these
+/// wait here, whole, and the daemon pops them after each drain of the ring buffer. Only a
+/// failed reserve pays for this.
+#[map]
+static DEFERRED: Queue<StateEvent> = Queue::with_max_entries(DEFERRED_CLOSES, 0);
+
+/// Where a deferred event is built: 144 bytes do not fit on the stack next to the rest.
+#[map]
+static DEFERRED_SCRATCH: PerCpuArray<StateEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Sequence for connection ids, per CPU (the id carries the CPU, so no atomics are needed).
 #[map]
@@ -911,20 +922,78 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
     if info.midlife != 0 {
         flags |= EVENT_F_MIDLIFE;
     }
+    let ts_ns = if ts_ns != 0 {
+        ts_ns
+    } else {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    };
     let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
-        bump(COUNTER_RINGBUF_FULL);
+        if new == TCP_CLOSE && defer(info, skaddr, old, flags, cpu, ts_ns) {
+            bump(COUNTER_DEFERRED);
+        } else {
+            bump(COUNTER_RINGBUF_FULL);
+        }
         return;
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` is our reserved, exclusively owned slot of size_of::<StateEvent>();
-    // every field is written before submit. Field by field, so the 144-byte event is
-    // never built on the 512-byte stack.
+    fill(
+        entry.as_mut_ptr(),
+        info,
+        skaddr,
+        old,
+        new,
+        flags,
+        cpu,
+        ts_ns,
+    );
+    // Wake the reader only when the unread data crosses the threshold (a window of a few
+    // records, as the other CPU may cross it in the same instant). Past it the reader is
+    // awake or about to poll: waking it on every event is an irq_work per event, the most
+    // expensive thing a busy producer could do.
+    let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let wake_at = ro(&WAKEUP_BYTES);
+    const RECORD: u64 = 8 + core::mem::size_of::<StateEvent>() as u64;
+    let wake = if avail >= wake_at && avail < wake_at + 4 * RECORD {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(wake));
+    bump(COUNTER_SUBMITTED);
+}
+
+/// Queues a `→ CLOSE` event the ring buffer had no room for; false if the queue is full too.
+#[inline(always)]
+fn defer(info: &SockInfo, skaddr: u64, old: u8, flags: u32, cpu: u32, ts_ns: u64) -> bool {
+    let Some(ev) = DEFERRED_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    fill(ev, info, skaddr, old, TCP_CLOSE, flags, cpu, ts_ns);
+    // SAFETY: this CPU's own slot, just filled. By reference: by value, the 144 bytes
+    // would be copied onto the stack, which has no room for them.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let queued = DEFERRED.push(unsafe { &*ev }, 0);
+    queued.is_ok()
+}
+
+/// Every field of the event at `ev`, written in place. Field by field, so the 144-byte
+/// event is never built on the 512-byte stack.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    ev: *mut StateEvent,
+    info: &SockInfo,
+    skaddr: u64,
+    old: u8,
+    new: u8,
+    flags: u32,
+    cpu: u32,
+    ts_ns: u64,
+) {
+    // SAFETY: `ev` is a reserved ring-buffer slot or this CPU's scratch slot, both ours and
+    // of size_of::<StateEvent>(); every field is written.
     unsafe {
-        (*ev).ts_ns = if ts_ns != 0 {
-            ts_ns
-        } else {
-            bpf_ktime_get_ns()
-        };
+        (*ev).ts_ns = ts_ns;
         (*ev).skaddr = skaddr;
         (*ev).conn_id = info.conn_id;
         (*ev).pid_tgid = bpf_get_current_pid_tgid();
@@ -942,20 +1011,6 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
         (*ev).netns = info.netns;
         (*ev)._pad = 0;
     }
-    // Wake the reader only when the unread data crosses the threshold (a window of a few
-    // records, as the other CPU may cross it in the same instant). Past it the reader is
-    // awake or about to poll: waking it on every event is an irq_work per event, the most
-    // expensive thing a busy producer could do.
-    let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    let wake_at = ro(&WAKEUP_BYTES);
-    const RECORD: u64 = 8 + core::mem::size_of::<StateEvent>() as u64;
-    let wake = if avail >= wake_at && avail < wake_at + 4 * RECORD {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(u64::from(wake));
-    bump(COUNTER_SUBMITTED);
 }
 
 #[cfg(not(test))]

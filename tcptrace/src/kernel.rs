@@ -5,13 +5,14 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray, Queue, RingBuf};
 use aya::programs::{ProgramError, TracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use aya_log::EbpfLogger;
 use tcptrace_common::{
-    COUNTER_FILTERED, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL,
-    COUNTER_SUBMITTED, Filter, KOFF_ACCEPT, KOFF_TIMEWAIT, SOCK_MAP_ENTRIES,
+    COUNTER_DEFERRED, COUNTER_FILTERED, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL,
+    COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED, Filter, KOFF_ACCEPT, KOFF_TIMEWAIT, SOCK_MAP_ENTRIES,
+    StateEvent,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -89,6 +90,9 @@ pub struct KernelCounters {
     pub filtered: u64,
     /// The kernel skipped the program (it fired while another BPF program ran on that CPU).
     pub recursion_misses: u64,
+    /// `→ CLOSE` events that found the ring buffer full and were queued instead: delivered
+    /// late (after the ring buffer's backlog), not lost.
+    pub deferred: u64,
 }
 
 /// A loaded and attached tracer. Dropping it detaches the program.
@@ -96,6 +100,7 @@ pub struct Tracer {
     // Field order matters for drop: the ring buffer and maps go before the Ebpf that owns
     // the program and link.
     ring: AsyncFd<RingBuf<MapData>>,
+    deferred: Queue<MapData, StateEvent>,
     counters: PerCpuArray<MapData, u64>,
     logger: AsyncFd<EbpfLogger<&'static dyn log::Log>>,
     /// Every attached program whose events are the connections' (recursion misses are
@@ -256,8 +261,14 @@ impl Tracer {
                 .ok_or_else(|| KernelError::Load("map COUNTERS missing".into()))?,
         )
         .map_err(|e| KernelError::Load(e.to_string()))?;
+        let deferred = Queue::try_from(
+            ebpf.take_map("DEFERRED")
+                .ok_or_else(|| KernelError::Load("map DEFERRED missing".into()))?,
+        )
+        .map_err(|e| KernelError::Load(e.to_string()))?;
         Ok(Tracer {
             ring,
+            deferred,
             counters,
             logger,
             prog_fds,
@@ -280,12 +291,29 @@ impl Tracer {
         }
     }
 
-    /// Hands every pending event's bytes to `f`, returns how many. Never blocks.
+    /// Hands every pending event's bytes to `f`, returns how many. Never blocks. The
+    /// deferred `→ CLOSE` events come after the ring buffer's backlog, which holds their
+    /// connections' earlier events.
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         let ring = self.ring.get_mut();
         let mut n = 0;
         while let Some(item) = ring.next() {
             f(&item);
+            n += 1;
+        }
+        // Empty (ENOENT) ends it; bounded, so that a producer refilling the queue as fast as
+        // it is emptied cannot hold the reader here.
+        for _ in 0..tcptrace_common::DEFERRED_CLOSES {
+            let Ok(ev) = self.deferred.pop(0) else { break };
+            // SAFETY: StateEvent is plain old data (repr(C), no padding left unwritten by
+            // the program); viewed as its bytes, as the ring buffer hands them.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&raw const ev).cast::<u8>(),
+                    std::mem::size_of::<StateEvent>(),
+                )
+            };
+            f(bytes);
             n += 1;
         }
         n
@@ -310,6 +338,7 @@ impl Tracer {
             read_errors: sum(COUNTER_READ_ERROR),
             sock_map_full: sum(COUNTER_SOCK_MAP_FULL),
             filtered: sum(COUNTER_FILTERED),
+            deferred: sum(COUNTER_DEFERRED),
             recursion_misses: self
                 .prog_fds
                 .iter()

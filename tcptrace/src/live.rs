@@ -249,7 +249,14 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
             .context("writing output")?;
     }
     tracer.flush_logs();
-    let loss = loss(&tracer.counters(), decode_errors);
+    let counters = tracer.counters();
+    if counters.deferred > 0 {
+        log::info!(
+            "{} connection ends found the ring buffer full and were delivered late, from the kernel's overflow queue",
+            counters.deferred
+        );
+    }
+    let loss = loss(&counters, decode_errors);
     let summary = RunSummary {
         transitions: pipeline.transitions(),
         lost: loss.total(),

@@ -331,3 +331,57 @@ fn owner_is_recorded_in_owner_context_and_carried_through_softirq() {
         assert_no_loss(&tracer.counters());
     });
 }
+
+/// A burst the ring buffer cannot hold loses events, counted; but no connection's end is
+/// lost: each `→ CLOSE` that finds the ring buffer full waits in the kernel's deferred
+/// queue, whole and with its own time, and arrives after the backlog. So every connection
+/// of the burst ends in the engine instead of staying tracked until evicted.
+#[test]
+fn closes_that_find_the_ring_buffer_full_arrive_late_and_every_connection_ends() {
+    let Some(_g) = kernel_guard() else { return };
+    const N: usize = 200;
+    runtime().block_on(async {
+        // One page: room for about 26 events; the burst makes 2,202 and nothing is read
+        // while it runs.
+        let mut tracer = start(tcptrace::kernel::TracerConfig {
+            timewait: false,
+            ring_bytes: 4096,
+            ..tcptrace::kernel::TracerConfig::default()
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for _ in 0..N {
+            client_closes_first(&listener);
+        }
+        drop(listener);
+        let burst_over = tcptrace::kernel::monotonic_ns();
+        let events = collect(&mut tracer, ours(port), |_| false, Duration::from_millis(300)).await;
+        let c = tracer.counters();
+        assert!(c.ringbuf_full > 1000, "the burst overflowed the ring buffer: {c:?}");
+        let closes: Vec<&Transition> = events.iter().filter(|t| t.new == Close).collect();
+        assert_eq!(
+            closes.len(),
+            2 * N + 1,
+            "every socket's end arrives (client, server, listener): {c:?}"
+        );
+        assert!(c.deferred >= 2 * N as u64 - 30, "most came through the queue: {c:?}");
+        assert!(
+            closes.iter().all(|t| t.ts_ns < burst_over),
+            "deferred events keep the time they happened at"
+        );
+        // Each end names the state it left, as if nothing had been lost.
+        let ends = |from: TcpState| closes.iter().filter(|t| t.old == from).count();
+        assert_eq!((ends(FinWait2), ends(LastAck), ends(Listen)), (N, N, 1));
+        let mut engine = tcptrace::engine::Engine::new(tcptrace::engine::EngineConfig::default());
+        let mut out = Vec::new();
+        for t in &events {
+            engine.on_transition(t, &mut out);
+        }
+        assert_eq!(
+            engine.current_state_counts().iter().sum::<u64>(),
+            0,
+            "no connection of the burst is left open in the engine"
+        );
+        println!("burst of {N} connections into a 4 KiB ring buffer: {} events kept, {} closes, counters {c:?}", events.len(), closes.len());
+    });
+}
