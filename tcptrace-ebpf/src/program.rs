@@ -121,6 +121,10 @@ static KOFFS: KernelOffsets = KernelOffsets {
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 0;
 
+/// The ring buffer's size in bytes, written by the daemon with the map's size.
+#[unsafe(no_mangle)]
+static RING_BYTES: u64 = 0;
+
 /// Size is set by the daemon at load time.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
@@ -928,7 +932,18 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
         // SAFETY: helper without arguments.
         unsafe { bpf_ktime_get_ns() }
     };
-    let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
+    const RECORD: u64 = 8 + core::mem::size_of::<StateEvent>() as u64;
+    let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    // The last eighth of the ring buffer is kept for connection ends: under sustained
+    // overload the other events are lost anyway (and counted), and an end that gets through
+    // lets the daemon retire its connection instead of tracking it until evicted.
+    let kept_for_ends = ro(&RING_BYTES) - ro(&RING_BYTES) / 8;
+    let reserved = if new == TCP_CLOSE || avail + RECORD <= kept_for_ends {
+        EVENTS.reserve::<StateEvent>(0)
+    } else {
+        None
+    };
+    let Some(mut entry) = reserved else {
         if new == TCP_CLOSE && defer(info, skaddr, old, flags, cpu, ts_ns) {
             bump(COUNTER_DEFERRED);
         } else {
@@ -950,9 +965,8 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
     // records, as the other CPU may cross it in the same instant). Past it the reader is
     // awake or about to poll: waking it on every event is an irq_work per event, the most
     // expensive thing a busy producer could do.
-    let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let avail = avail + RECORD;
     let wake_at = ro(&WAKEUP_BYTES);
-    const RECORD: u64 = 8 + core::mem::size_of::<StateEvent>() as u64;
     let wake = if avail >= wake_at && avail < wake_at + 4 * RECORD {
         BPF_RB_FORCE_WAKEUP
     } else {

@@ -194,6 +194,7 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &layout, true)
             .override_global("WAKEUP_BYTES", &cfg.wakeup_bytes, true)
+            .override_global("RING_BYTES", &u64::from(cfg.ring_bytes), true)
             .override_global("FILTER", &cfg.filter, true)
             .override_global("KOFFS", &koffs, true)
             .map_max_entries("EVENTS", cfg.ring_bytes)
