@@ -218,7 +218,7 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
                 pipeline.tick(kernel::monotonic_ns())?;
                 if let Some(m) = &opts.metrics {
                     let k = tracer.counters();
-                    m.observe_kernel(&loss(&k, decode_errors), k.submitted);
+                    m.observe_kernel(&loss(&k, decode_errors), k.submitted, k.deferred);
                     let engine = pipeline.engine();
                     m.observe_engine(&engine.stats(), &engine.current_state_counts());
                 }

@@ -261,7 +261,7 @@ fn observe(m: &Metrics, tracer: &Tracer, p: &Pipeline, decode_errors: u64) {
         read_errors: k.read_errors,
         decode_errors,
     };
-    m.observe_kernel(&loss, k.submitted);
+    m.observe_kernel(&loss, k.submitted, k.deferred);
     m.observe_engine(&p.engine().stats(), &p.engine().current_state_counts());
 }
 

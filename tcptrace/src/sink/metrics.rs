@@ -13,7 +13,7 @@
 //! let k = tracer.counters();
 //! let loss = Loss { ringbuf_full: k.ringbuf_full, recursion_misses: k.recursion_misses,
 //!                   read_errors: k.read_errors, decode_errors };
-//! metrics.observe_kernel(&loss, k.submitted);
+//! metrics.observe_kernel(&loss, k.submitted, k.deferred);
 //! metrics.observe_engine(&pipeline.engine().stats(), &pipeline.engine().current_state_counts());
 //! ```
 //!
@@ -108,6 +108,7 @@ pub struct Metrics {
     connections: [U64Gauge; NETSTAT_STATES],
     lost: [Counter; LOSS_CAUSES.len()],
     received: Counter,
+    deferred: Counter,
     tracked: U64Gauge,
     evicted: Counter,
     alerts: Mutex<AlertBook>,
@@ -240,6 +241,12 @@ impl Metrics {
             "Events the kernel program delivered into the ring buffer",
             received.clone(),
         );
+        let deferred = Counter::default();
+        reg.register(
+            "tcptrace_events_deferred",
+            "Connection ends (X to CLOSE) that found the ring buffer full and were delivered late through the kernel's overflow queue (not lost; a sign of overload)",
+            deferred.clone(),
+        );
         let tracked = U64Gauge::default();
         reg.register(
             "tcptrace_connections_tracked",
@@ -289,6 +296,7 @@ impl Metrics {
             connections,
             lost,
             received,
+            deferred,
             tracked,
             evicted,
             alerts: Mutex::new(alerts),
@@ -368,9 +376,10 @@ impl Metrics {
 
     /// Kernel-side totals since the tracer started (call about once per second): events
     /// lost by cause, and events the program submitted to the ring buffer.
-    pub fn observe_kernel(&self, loss: &Loss, submitted: u64) {
+    pub fn observe_kernel(&self, loss: &Loss, submitted: u64, deferred: u64) {
         self.observe_loss(loss);
         mirror(&self.received, submitted);
+        mirror(&self.deferred, deferred);
     }
 
     fn observe_loss(&self, loss: &Loss) {
@@ -662,9 +671,9 @@ mod tests {
             read_errors: 0,
             decode_errors: 2,
         };
-        m.observe_kernel(&loss, 100);
+        m.observe_kernel(&loss, 100, 6);
         // A counter never goes down, even if handed a smaller total.
-        m.observe_kernel(&Loss::default(), 90);
+        m.observe_kernel(&Loss::default(), 90, 0);
         let stats = EngineStats {
             tracked: 7,
             evicted: 3,
@@ -685,6 +694,7 @@ mod tests {
         }
         assert_eq!(series(&sc, lost), 4);
         assert_eq!(value(&sc, "tcptrace_events_received_total", &[]), 100.0);
+        assert_eq!(value(&sc, "tcptrace_events_deferred_total", &[]), 6.0);
         assert_eq!(value(&sc, "tcptrace_connections_tracked", &[]), 7.0);
         assert_eq!(value(&sc, "tcptrace_connections_evicted_total", &[]), 3.0);
         let c = "tcptrace_connections";
@@ -718,6 +728,7 @@ mod tests {
             ("tcptrace_alerts_active", "gauge"),
             ("tcptrace_events_lost", "counter"),
             ("tcptrace_events_received", "counter"),
+            ("tcptrace_events_deferred", "counter"),
             ("tcptrace_connections_tracked", "gauge"),
             ("tcptrace_connections_evicted", "counter"),
             ("tcptrace_output_write_errors", "counter"),
