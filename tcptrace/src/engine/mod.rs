@@ -412,6 +412,22 @@ fn apply(
     b: &mut Books,
 ) -> (TransitionRecord, bool) {
     use TcpState::*;
+    // An accept names the owner. The state it carries was read as accept() returned and
+    // may already be behind: the peer's FIN can move the socket to CLOSE_WAIT on another
+    // CPU in between, and that event can reach the ring buffer first. The connection's own
+    // state wins, so a late accept is neither a gap nor a step back.
+    let accepted;
+    let t = match prev {
+        Some(p) if t.kind == EventKind::Accept && t.new != p => {
+            accepted = Transition {
+                old: p,
+                new: p,
+                ..*t
+            };
+            &accepted
+        }
+        _ => t,
+    };
     let ts = t.ts_ns;
     let gap = prev.is_some_and(|p| p != t.old);
     let in_old_state_ns = if prev.is_none() || gap || c.has(F_ENTRY_UNKNOWN) {

@@ -126,3 +126,41 @@ fn the_owner_table_forgets_processes_whose_sockets_are_gone() {
     }
     assert_eq!(sim.engine.stats().owners, 0);
 }
+
+/// accept() reads the socket's state as it returns; the peer's FIN can move it to
+/// CLOSE_WAIT on another CPU in between and reach the ring buffer first. The late accept
+/// names the owner and changes nothing else: no gap, no step back, CLOSE_WAIT timed.
+#[test]
+fn an_accept_that_arrives_after_close_wait_names_the_owner_and_nothing_else() {
+    use crate::event::EventKind;
+    let mut sim = Sim::default();
+    let server = task(10, "server");
+    sim.feed(&Sock::new(1, "10.0.0.1:80", "0.0.0.0:0", server).ev(0, Close, Listen));
+    let c = Sock::new(2, "10.0.0.1:80", "10.0.0.7:5000", task(99, "client"));
+    let mut out = sim.run(&c.path(Listen, &[(1, SynRecv), (2, Established), (3, CloseWait)]));
+    let mut accept = c.ev(4, Established, Established);
+    accept.kind = EventKind::Accept;
+    accept.owner = Some(task(11, "worker"));
+    let late = sim.feed(&accept);
+    let rec = records(&late)[0];
+    assert!(!rec.gap, "{rec:?}");
+    assert_eq!((rec.t.old, rec.t.new), (CloseWait, CloseWait));
+    assert_eq!(rec.owner.map(|o| o.pid), Some(11));
+    out.extend(late);
+    // The worker closes it at last (close() runs in its own context).
+    out.extend(
+        sim.feed(
+            &Sock {
+                task: task(11, "worker"),
+                ..c
+            }
+            .ev(10, CloseWait, LastAck),
+        ),
+    );
+    out.extend(sim.feed(&c.ev(11, LastAck, Close)));
+    let l = one_lifecycle(&out);
+    assert!(!l.gap, "{}", path_str(l));
+    let cw = l.path.iter().find(|s| s.state == CloseWait).unwrap();
+    assert_eq!(cw.duration_ns, Some(7), "{}", path_str(l));
+    assert_eq!(l.owner.map(|o| o.pid), Some(11));
+}
