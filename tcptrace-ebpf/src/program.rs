@@ -926,12 +926,6 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
     if info.midlife != 0 {
         flags |= EVENT_F_MIDLIFE;
     }
-    let ts_ns = if ts_ns != 0 {
-        ts_ns
-    } else {
-        // SAFETY: helper without arguments.
-        unsafe { bpf_ktime_get_ns() }
-    };
     const RECORD: u64 = 8 + core::mem::size_of::<StateEvent>() as u64;
     let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
     // The last eighth of the ring buffer is kept for connection ends: under sustained
@@ -942,6 +936,15 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
         EVENTS.reserve::<StateEvent>(0)
     } else {
         None
+    };
+    // The time is read once the slot is held, so that events that race for the ring buffer
+    // (an accept in one CPU's syscall, its socket's softirq transition on another) are
+    // stamped in the order they are delivered.
+    let ts_ns = if ts_ns != 0 {
+        ts_ns
+    } else {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
     };
     let Some(mut entry) = reserved else {
         if new == TCP_CLOSE && defer(info, skaddr, old, flags, cpu, ts_ns) {
