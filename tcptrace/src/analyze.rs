@@ -61,7 +61,7 @@ impl<R: Read> Lines<R> {
     /// The next line without its newline (the last one may lack it), or None at the end.
     fn next_line(&mut self) -> io::Result<Option<&[u8]>> {
         loop {
-            if let Some(pos) = memchr_nl(&self.buf[self.start..self.end]) {
+            if let Some(pos) = memchr::memchr(b'\n', &self.buf[self.start..self.end]) {
                 let line = self.start..self.start + pos;
                 self.start += pos + 1;
                 return Ok(Some(&self.buf[line]));
@@ -88,13 +88,6 @@ impl<R: Read> Lines<R> {
             self.end += n;
         }
     }
-}
-
-/// The first newline in `b`: libc's vectorised memchr, some ten times a byte loop.
-fn memchr_nl(b: &[u8]) -> Option<usize> {
-    // SAFETY: memchr reads at most b.len() bytes from the start of b, which is readable.
-    let p = unsafe { libc::memchr(b.as_ptr().cast(), i32::from(b'\n'), b.len()) };
-    (!p.is_null()).then(|| p as usize - b.as_ptr() as usize)
 }
 
 /// stdout for a replay: once its reader goes away (`| head`), writes are dropped and the

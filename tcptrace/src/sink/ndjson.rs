@@ -54,6 +54,29 @@ impl<W: Write> Ndjson<W> {
 /// well under 1.5 KiB. Pieces are copied in fixed sizes (up to 20 bytes past the text).
 pub const MAX_LINE: usize = 2048;
 
+/// Writes the decimal text of `n` (what `{n}` writes) at the start of `out`, which has room
+/// for the longest (20 digits); returns its length. Two digits at a time from a table and
+/// straight into place: the one digit routine of the hand encoders (a formatter's own buffer
+/// then a copy cost a memcpy call per number, a dozen per line).
+#[inline(always)]
+pub(crate) fn decimal(mut n: u64, out: &mut [u8]) -> usize {
+    let len = n.checked_ilog10().unwrap_or(0) as usize + 1;
+    let out = &mut out[..20];
+    let mut i = len;
+    while n >= 100 {
+        let pair = 2 * (n % 100) as usize;
+        n /= 100;
+        i -= 2;
+        out[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        out[..2].copy_from_slice(&DIGIT_PAIRS[2 * n as usize..2 * n as usize + 2]);
+    } else {
+        out[0] = b'0' + n as u8;
+    }
+    len
+}
+
 /// "00", "01", … "99".
 const DIGIT_PAIRS: &[u8; 200] = &{
     let mut t = [0u8; 200];
@@ -96,26 +119,10 @@ impl<'a> Cursor<'a> {
         self.n += s.len();
     }
 
-    /// Decimal text of `n` (what `{n}` writes), without `fmt`: two digits at a time from a
-    /// table, straight into the line (itoa's buffer then a copy cost a memcpy call per
-    /// number, a dozen per line).
+    /// Decimal text of `n` (what `{n}` writes), straight into the line.
     #[inline(always)]
-    fn u64(&mut self, mut n: u64) {
-        let len = n.checked_ilog10().unwrap_or(0) as usize + 1;
-        let out = &mut self.b[self.n..self.n + 20];
-        let mut i = len;
-        while n >= 100 {
-            let pair = 2 * (n % 100) as usize;
-            n /= 100;
-            i -= 2;
-            out[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-        }
-        if n >= 10 {
-            out[..2].copy_from_slice(&DIGIT_PAIRS[2 * n as usize..2 * n as usize + 2]);
-        } else {
-            out[0] = b'0' + n as u8;
-        }
-        self.n += len;
+    fn u64(&mut self, n: u64) {
+        self.n += decimal(n, &mut self.b[self.n..self.n + 20]);
     }
 
     /// `0x…` lower-case hex (what `{:#x}` writes), nibbles through a table straight into

@@ -83,8 +83,9 @@ impl Rfc3339Cache {
         out[..p].copy_from_slice(&self.prefix);
         // Nine digits, zero-padded: the ten digits of 1e9 + nanos without their leading 1.
         let nanos = (unix % 1_000_000_000) as u64;
-        let mut digits = itoa::Buffer::new();
-        out[p..p + 9].copy_from_slice(&digits.format(1_000_000_000 + nanos).as_bytes()[1..]);
+        let mut digits = [0u8; 20];
+        super::ndjson::decimal(1_000_000_000 + nanos, &mut digits);
+        out[p..p + 9].copy_from_slice(&digits[1..10]);
         out[p + 9] = b'Z';
         p + 10
     }

@@ -6,11 +6,13 @@ use std::io::Write as _;
 
 use std::net::SocketAddr;
 
-use super::SCHEMA_VERSION;
+use super::{SCHEMA_VERSION, decimal};
 use crate::engine::LifecycleRecord;
 
 fn u64_to(buf: &mut Vec<u8>, n: u64) {
-    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    let mut digits = [0u8; 20];
+    let len = decimal(n, &mut digits);
+    buf.extend_from_slice(&digits[..len]);
 }
 
 fn opt_u64_to(buf: &mut Vec<u8>, n: Option<u64>) {
