@@ -311,27 +311,15 @@ pub fn run(mut args: BenchArgs, workspace: &Path) -> Result<()> {
         && !ABORT.load(Ordering::Relaxed)
         && contenders.tcptrace.is_some())
     .then(|| {
-        let rates = |t: Tracer| -> Vec<f64> {
+        let untraced = report::median(
             runs.iter()
-                .filter(|r| r.tracer == t)
+                .filter(|r| r.tracer == Tracer::Untraced)
                 .map(|r| r.load.per_second())
-                .collect()
-        };
-        let untraced = median(rates(Tracer::Untraced))?;
-        let flat_out = median(rates(Tracer::Tcptrace)).map(|rate| {
-            let (expected, seen) = runs.iter().filter(|r| r.tracer == Tracer::Tcptrace).fold(
-                (0u64, 0u64),
-                |(e, s), r| {
-                    let seen = r.seen.as_ref().map_or(0, |x| x.transitions);
-                    (e + r.load.expected_transitions(), s + seen)
-                },
-            );
-            let lost = expected.saturating_sub(seen) as f64 / expected.max(1) as f64;
-            (rate, lost * 100.0)
-        });
+                .collect(),
+        )?;
         Some(onset::figure(
             onset::sweep(&ctx, &contenders, untraced),
-            flat_out,
+            onset::flat_out(&runs),
         ))
     })
     .flatten();
@@ -403,11 +391,6 @@ fn reexec_optimized(workspace: &Path) {
         .args(std::env::args_os().skip(1))
         .exec();
     eprintln!("bench: could not run the optimized xtask ({err}); carrying on with this build");
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
 }
 
 /// Logs of runs that failed half-way; the small stderr files stay for diagnosis.

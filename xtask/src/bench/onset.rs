@@ -4,30 +4,54 @@
 
 use serde_json::json;
 
-use super::Tracer;
 use super::contenders::{self, Contenders, RunContext};
 use super::extra::Figure;
 use super::load::LoadConfig;
+use super::{Run, Tracer, report};
 
 /// Fractions of the untraced median rate the paced runs aim at.
 pub const FRACTIONS: [f64; 4] = [0.2, 0.4, 0.6, 0.8];
 
 pub struct Step {
     pub target: f64,
-    pub achieved: f64,
-    pub expected: u64,
-    pub seen: u64,
-    /// tcptrace's own count by cause: the ring buffer full (the daemon fell behind), and
-    /// the kernel skipping the program (a nested hit on the CPU it ran on).
-    pub ringbuf_full: u64,
-    pub recursion_misses: u64,
-    pub daemon_cpu_pct: Option<f64>,
+    pub run: Run,
 }
 
 impl Step {
-    fn lost(&self) -> i64 {
-        self.expected as i64 - self.seen as i64
+    /// tcptrace's own count of a loss cause: `ringbuf_full` (the daemon fell behind) or
+    /// `recursion_misses` (the kernel skipped a run nested on the CPU it ran on).
+    fn cause(&self, name: &str) -> u64 {
+        self.run
+            .seen
+            .as_ref()
+            .and_then(|s| s.summary.as_ref())
+            .and_then(|v| v["loss"][name].as_u64())
+            .unwrap_or(0)
     }
+
+    fn achieved(&self) -> f64 {
+        self.run.load.per_second()
+    }
+
+    fn expected(&self) -> u64 {
+        self.run.load.expected_transitions()
+    }
+
+    fn lost(&self) -> u64 {
+        report::lost(&self.run).unwrap_or(0).max(0) as u64
+    }
+}
+
+/// The flat-out tcptrace rounds: median rate, and the share of events lost over them all.
+pub fn flat_out(runs: &[Run]) -> Option<(f64, f64)> {
+    let traced: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.tracer == Tracer::Tcptrace)
+        .collect();
+    let rate = report::median(traced.iter().map(|r| r.load.per_second()).collect())?;
+    let expected: u64 = traced.iter().map(|r| r.load.expected_transitions()).sum();
+    let lost: i64 = traced.iter().filter_map(|r| report::lost(r)).sum();
+    Some((rate, lost.max(0) as f64 / expected.max(1) as f64 * 100.0))
 }
 
 /// One paced tcptrace run per fraction of `untraced_rate`; stops at the first failure.
@@ -50,26 +74,7 @@ pub fn sweep(
         };
         let (run, _) = contenders::run_one(&paced, contenders, Tracer::Tcptrace, 100 + i, None)
             .map_err(|e| format!("{e:#}"))?;
-        let seen = run.seen.as_ref().map_or(0, |s| s.transitions);
-        let cause = |name: &str| {
-            run.seen
-                .as_ref()
-                .and_then(|s| s.summary.as_ref())
-                .and_then(|v| v["loss"][name].as_u64())
-                .unwrap_or(0)
-        };
-        steps.push(Step {
-            target,
-            achieved: run.load.per_second(),
-            expected: run.load.expected_transitions(),
-            seen,
-            ringbuf_full: cause("ringbuf_full"),
-            recursion_misses: cause("recursion_misses"),
-            daemon_cpu_pct: run
-                .daemon
-                .as_ref()
-                .map(|d| d.cpu_seconds / run.load.elapsed.as_secs_f64() * 100.0),
-        });
+        steps.push(Step { target, run });
     }
     Ok(steps)
 }
@@ -88,13 +93,13 @@ pub fn figure(steps: Result<Vec<Step>, String>, flat_out: Option<(f64, f64)>) ->
         .map(|s| {
             format!(
                 "{:.0} conn/s ({:.0} events/s): {} lost of {} (ring buffer full {}, recursion misses {}){}",
-                s.achieved,
-                s.achieved * 10.0,
-                s.lost().max(0),
-                s.expected,
-                s.ringbuf_full,
-                s.recursion_misses,
-                s.daemon_cpu_pct
+                s.achieved(),
+                s.achieved() * 10.0,
+                s.lost(),
+                s.expected(),
+                s.cause("ringbuf_full"),
+                s.cause("recursion_misses"),
+                report::cpu_pct(&s.run)
                     .map_or(String::new(), |c| format!(", daemon CPU {c:.0}%"))
             )
         })
@@ -108,26 +113,26 @@ pub fn figure(steps: Result<Vec<Step>, String>, flat_out: Option<(f64, f64)>) ->
         "available": true,
         "steps": steps.iter().map(|s| json!({
             "target_conn_per_s": s.target,
-            "achieved_conn_per_s": s.achieved,
-            "expected": s.expected,
-            "seen": s.seen,
-            "lost": s.lost().max(0),
-            "ringbuf_full": s.ringbuf_full,
-            "recursion_misses": s.recursion_misses,
-            "daemon_cpu_percent": s.daemon_cpu_pct,
+            "achieved_conn_per_s": s.achieved(),
+            "expected": s.expected(),
+            "seen": s.run.seen.as_ref().map_or(0, |x| x.transitions),
+            "lost": s.lost(),
+            "ringbuf_full": s.cause("ringbuf_full"),
+            "recursion_misses": s.cause("recursion_misses"),
+            "daemon_cpu_percent": report::cpu_pct(&s.run),
         })).collect::<Vec<_>>(),
         "flat_out": flat_out.map(|(r, p)| json!({"conn_per_s": r, "lost_percent": p})),
     });
-    let kept_up = |s: &&Step| s.ringbuf_full == 0;
+    let kept_up = |s: &&Step| s.cause("ringbuf_full") == 0;
     let highest = steps
         .iter()
         .filter(kept_up)
-        .map(|s| s.achieved)
+        .map(Step::achieved)
         .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
-    let summary = match (highest, steps.iter().find(|s| s.ringbuf_full > 0)) {
+    let summary = match (highest, steps.iter().find(|s| s.cause("ringbuf_full") > 0)) {
         (Some(_), Some(l)) => format!(
             "the ring buffer first overflows at {:.0} conn/s",
-            l.achieved
+            l.achieved()
         ),
         (Some(_), None) => "the ring buffer never overflowed at a paced rate".to_owned(),
         (None, _) => "the ring buffer overflowed at every paced rate".to_owned(),

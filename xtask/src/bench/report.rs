@@ -50,7 +50,7 @@ fn rate(run: &Run) -> f64 {
 }
 
 /// CPU seconds the daemon used per second of load, in percent of one core.
-fn cpu_pct(run: &Run) -> Option<f64> {
+pub(super) fn cpu_pct(run: &Run) -> Option<f64> {
     let d = run.daemon.as_ref()?;
     Some(d.cpu_seconds / run.load.elapsed.as_secs_f64() * 100.0)
 }
@@ -76,7 +76,7 @@ fn ratio(outcome: &Outcome, run: &Run) -> Option<f64> {
     Some(rate(run) / rate(base))
 }
 
-fn lost(run: &Run) -> Option<i64> {
+pub(super) fn lost(run: &Run) -> Option<i64> {
     let seen = run.seen.as_ref()?;
     Some(run.load.expected_transitions() as i64 - seen.transitions as i64)
 }
@@ -122,7 +122,7 @@ pub fn one_line(run: &Run) -> String {
     s
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(super) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
