@@ -1,9 +1,10 @@
 //! A writer on its own thread: the ring-buffer reader hands it whole chunks of lines and
 //! goes back to draining, so a write into the page cache (a quarter of the reader's time
 //! under load) or a disk stall holding `write()` in dirty-page throttling no longer leaves
-//! the ring buffer unread. Lines are handed to the inner writer one by one, in order, so
-//! what it does at line boundaries (rotation, reopen on SIGHUP) is unchanged. Nothing is
-//! dropped: when the thread falls a few chunks behind, the reader waits for it.
+//! the ring buffer unread. Chunks hold whole lines only and reach the inner writer in
+//! order, so what it does at line boundaries (rotation, reopen on SIGHUP) still happens at
+//! line boundaries. Nothing is dropped: when the thread falls a few chunks behind, the
+//! reader waits for it.
 
 use std::io::{self, Write};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, channel, sync_channel};
@@ -80,16 +81,9 @@ fn run<W: Write>(mut inner: W, from_reader: &Receiver<Msg>, give_back: &Sender<V
     while let Ok(msg) = from_reader.recv() {
         match msg {
             Msg::Lines(mut chunk) => {
-                // The inner writer's errors are its own to report (see `spawn`). Vectorised
-                // newline search: a byte-by-byte split took more time than the writes.
-                let mut start = 0;
-                for end in memchr::memchr_iter(b'\n', &chunk) {
-                    let _ = inner.write_all(&chunk[start..=end]);
-                    start = end + 1;
-                }
-                if start < chunk.len() {
-                    let _ = inner.write_all(&chunk[start..]);
-                }
+                // Whole lines in one write; the inner writer's errors are its own to report
+                // (see `spawn`).
+                let _ = inner.write_all(&chunk);
                 chunk.clear();
                 let _ = give_back.send(chunk);
             }
@@ -169,11 +163,19 @@ mod tests {
         }
         drop(w);
         let calls = calls.0.lock().unwrap();
-        // One call per whole line, flushes in between, and everything at the end.
-        let lines: Vec<&[u8]> = calls
+        // Chunks of whole lines, flushes in between, and everything at the end.
+        let chunks: Vec<&[u8]> = calls
             .iter()
             .map(Vec::as_slice)
             .filter(|c| *c != b"<flush>")
+            .collect();
+        assert!(
+            chunks.iter().all(|c| c.ends_with(b"\n")),
+            "whole lines only"
+        );
+        let lines: Vec<&[u8]> = chunks
+            .iter()
+            .flat_map(|c| c.split_inclusive(|&b| b == b'\n'))
             .collect();
         assert_eq!(lines.len(), 50_000);
         assert!(
@@ -184,7 +186,11 @@ mod tests {
         assert_eq!(lines.concat(), want);
         let first_flush = calls.iter().position(|c| c == b"<flush>").unwrap();
         assert_eq!(
-            first_flush, 11,
+            (
+                first_flush,
+                calls[0].split_inclusive(|&b| b == b'\n').count()
+            ),
+            (1, 11),
             "the flush comes right after the 11 lines before it"
         );
         assert_eq!(calls.last().map(Vec::as_slice), Some(&b"<flush>"[..]));

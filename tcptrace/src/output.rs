@@ -140,8 +140,20 @@ impl OutputFile {
     }
 }
 
-impl Write for OutputFile {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+impl OutputFile {
+    /// How much of `buf` to write before housekeeping is due again: all of it, unless the
+    /// file reaches its rotation size inside it; then up to the end of the line where it
+    /// does, so that a write of many lines rotates where one line at a time would have.
+    fn piece_len(&self, buf: &[u8]) -> usize {
+        let max = self.rotation.max_bytes;
+        if max == 0 || self.size + buf.len() as u64 <= max {
+            return buf.len();
+        }
+        let from = max.saturating_sub(self.size).saturating_sub(1) as usize;
+        memchr::memchr(b'\n', &buf[from..]).map_or(buf.len(), |p| from + p + 1)
+    }
+
+    fn write_piece(&mut self, buf: &[u8]) {
         if self.at_line_start {
             self.at_boundary();
         }
@@ -165,6 +177,19 @@ impl Write for OutputFile {
         }
         if let Some(&last) = buf.last() {
             self.at_line_start = last == b'\n';
+        }
+    }
+}
+
+impl Write for OutputFile {
+    /// One line, part of one, or many: housekeeping (reopen, rotation, retry) happens at
+    /// line boundaries only, and a rotation due inside a write of many lines splits it there.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let (piece, after) = rest.split_at(self.piece_len(rest));
+            self.write_piece(piece);
+            rest = after;
         }
         Ok(buf.len())
     }
@@ -291,6 +316,46 @@ mod tests {
         // The newest lines survive, in order.
         assert_eq!(all.last(), Some(&29));
         assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
+    }
+
+    /// The output thread hands over many lines in one write: rotation still falls on the
+    /// line where the size is reached, as with one line at a time.
+    #[test]
+    fn a_write_of_many_lines_rotates_where_one_line_at_a_time_would() {
+        let lines: Vec<String> = (0..30)
+            .map(|i| format!("{{\"n\":{i},\"pad\":\"xxxxxxxxxxxxxxxx\"}}\n"))
+            .collect();
+        let files = |name: &str, whole: bool| -> Vec<String> {
+            let p = tmp(name);
+            let rotation = Rotation {
+                max_bytes: 100,
+                keep: 2,
+            };
+            let mut f = OutputFile::with_rotation(&p, rotation).unwrap();
+            if whole {
+                f.write_all(lines.concat().as_bytes()).unwrap();
+            } else {
+                for l in &lines {
+                    f.write_all(l.as_bytes()).unwrap();
+                }
+            }
+            drop(f);
+            [
+                p.with_extension("ndjson.2"),
+                p.with_extension("ndjson.1"),
+                p.clone(),
+            ]
+            .iter()
+            .map(|path| std::fs::read_to_string(path).unwrap())
+            .collect()
+        };
+        let one_write = files("rotate-chunk", true);
+        assert_eq!(one_write, files("rotate-lines", false));
+        assert!(
+            one_write
+                .iter()
+                .all(|t| t.len() <= 100 + 40 && t.ends_with('\n'))
+        );
     }
 
     #[test]
