@@ -123,14 +123,7 @@ fn ss_state_counts_match_the_engines_in_a_busy_namespace() {
     // that predate the tracer are not tracked (they end within a minute): none here.
     let before = in_netns(ns, || busy(9100, 2, 2));
     runtime().block_on(async {
-        let filter = FilterArgs {
-            netns: Some(ino),
-            ..FilterArgs::default()
-        };
-        let mut tracer = start(TracerConfig {
-            filter: filter.to_kernel().unwrap(),
-            ..TracerConfig::default()
-        });
+        let (filter, mut tracer) = tracer_for_netns(ino);
         assert!(tracer.warnings().is_empty(), "{:?}", tracer.warnings());
         let snap = tcptrace::snapshot::take().expect("snapshot");
         let mut adopter = Adopter::default();
@@ -340,14 +333,7 @@ fn a_timewait_socket_older_than_the_tracer_is_seen_to_end() {
         client_closes_first(&l)
     });
     runtime().block_on(async {
-        let filter = FilterArgs {
-            netns: Some(ino),
-            ..FilterArgs::default()
-        };
-        let mut tracer = start(TracerConfig {
-            filter: filter.to_kernel().unwrap(),
-            ..TracerConfig::default()
-        });
+        let (filter, mut tracer) = tracer_for_netns(ino);
         let snap = tcptrace::snapshot::take().expect("snapshot");
         let mut adopter = Adopter::default();
         let seeds = adopter.seed(&snap, &filter, snap.taken_mono_start_ns);
@@ -400,4 +386,18 @@ fn a_timewait_socket_older_than_the_tracer_is_seen_to_end() {
         assert!(lc.partial_start, "{lc:?}");
         assert_no_loss(&tracer.counters());
     });
+}
+
+/// The tracer (every hook on) with its in-kernel filter set to one network namespace, and
+/// that filter as the daemon's snapshot applies it.
+fn tracer_for_netns(ino: u32) -> (FilterArgs, tcptrace::kernel::Tracer) {
+    let filter = FilterArgs {
+        netns: Some(ino),
+        ..FilterArgs::default()
+    };
+    let tracer = start(TracerConfig {
+        filter: filter.to_kernel().unwrap(),
+        ..TracerConfig::default()
+    });
+    (filter, tracer)
 }

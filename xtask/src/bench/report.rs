@@ -7,6 +7,16 @@ use serde_json::{Value, json};
 
 use super::{Outcome, Run, Tracer};
 
+impl Machine {
+    /// The report's `machine:` line.
+    pub fn line(&self) -> String {
+        format!(
+            "machine: {} ({} cores), Linux {}, {:.1} GiB RAM",
+            self.cpu, self.cores, self.kernel, self.memory_gib
+        )
+    }
+}
+
 pub struct Machine {
     pub cpu: String,
     pub cores: usize,
@@ -226,12 +236,7 @@ pub fn table(outcome: &Outcome) -> String {
         "\ntcptrace bench: loopback TCP churn, untraced vs traced"
     )
     .ok();
-    writeln!(
-        w,
-        "machine: {} ({} cores), Linux {}, {:.1} GiB RAM",
-        m.cpu, m.cores, m.kernel, m.memory_gib
-    )
-    .ok();
+    writeln!(w, "{}", m.line()).ok();
     writeln!(w, "command: {}", outcome.command).ok();
     writeln!(
         w,

@@ -172,12 +172,7 @@ pub fn table(s: &Soak, command: &str, tw_reuse: &str) -> String {
         "\ntcptrace bench --soak: one daemon under loopback churn"
     )
     .ok();
-    writeln!(
-        w,
-        "machine: {} ({} cores), Linux {}, {:.1} GiB RAM",
-        m.cpu, m.cores, m.kernel, m.memory_gib
-    )
-    .ok();
+    writeln!(w, "{}", m.line()).ok();
     writeln!(w, "command: {command}").ok();
     writeln!(
         w,
