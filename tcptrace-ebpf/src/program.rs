@@ -584,6 +584,9 @@ fn netns_of(sk: u64) -> u32 {
 /// any; clears the slot either way.
 #[inline(always)]
 fn take_pending_tw(sport: u16) -> Option<(u64, u8)> {
+    if ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 {
+        return None;
+    }
     let p = PENDING_TW.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot; our programs don't nest on one CPU.
     let slot = unsafe { &mut *p };
@@ -690,6 +693,11 @@ fn adopt_unknown_tw(tw: u64, substate: u8) -> bool {
 /// socket was killed then, and its end is reported now, with the cancel's time.
 #[inline(always)]
 fn settle_cancel(tw: u64) -> bool {
+    // Without the timewait hooks nothing is ever pending: no lookup on every event (a
+    // read-only global, so the verifier drops the branch it rules out).
+    if ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 {
+        return false;
+    }
     let Some(p) = PENDING_CANCEL.get_ptr_mut(0) else {
         return false;
     };
