@@ -9,9 +9,9 @@ use aya_ebpf::{
         BPF_ANY, BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_jiffies64,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, generated,
     },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, Queue, RingBuf},
@@ -219,23 +219,64 @@ fn next_conn_id(cpu: u32) -> u64 {
     (seq << 12) | u64::from(cpu & 0xfff)
 }
 
-/// The current task as an owner, or None for kernel context (no process to name).
+/// Makes the current task the owner in `dst`, written in place; false (and `dst` left as
+/// it was) in kernel context, where there is no process to name.
 #[inline(always)]
-fn current_owner(source: u32) -> Option<Owner> {
+fn set_current_owner(dst: &mut Owner, source: u32) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid == 0 {
-        return None;
+        return false;
     }
-    Some(Owner {
-        tgid,
-        pid: pid_tgid as u32,
-        uid: bpf_get_current_uid_gid() as u32,
-        source,
-        // SAFETY: helper without arguments, allowed for tracing programs.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
-    })
+    dst.tgid = tgid;
+    dst.pid = pid_tgid as u32;
+    dst.uid = bpf_get_current_uid_gid() as u32;
+    dst.source = source;
+    // SAFETY: helper without arguments, allowed for tracing programs.
+    dst.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    current_comm_into(&mut dst.comm);
+    true
+}
+
+/// The current task's name, written straight into `dst` (zero-padded by the helper, and
+/// zeroed by it on failure). Through a temporary array, the compiler zeroes and copies it
+/// with calls to the linker's byte-at-a-time memset and memmove.
+#[inline(always)]
+fn current_comm_into(dst: &mut [u8; 16]) {
+    // SAFETY: the helper writes at most 16 bytes into `dst`.
+    unsafe { generated::bpf_get_current_comm(dst.as_mut_ptr().cast(), 16) };
+}
+
+/// Copies a value made of whole 8-byte words, word by word. A plain assignment of a struct
+/// or an array is lowered to a call to the linker's memmove, a byte-at-a-time loop on BPF
+/// (eight instructions a byte: 96 bytes cost ~800 instructions, as much as the rest of the
+/// program's own code).
+///
+/// # Safety
+/// Both pointers valid for a `T` and aligned to 8.
+#[inline(always)]
+unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(8)) };
+    let (d, s) = (dst.cast::<u64>(), src.cast::<u64>());
+    for i in 0..core::mem::size_of::<T>() / 8 {
+        // SAFETY: within both values, by the size assertion and the caller's promise.
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+    }
+}
+
+/// Zeroes a value made of whole 8-byte words in place, without the memset call that a
+/// `Default`/`zeroed` value (or any move of one) is lowered to.
+///
+/// # Safety
+/// `dst` valid for a `T`, aligned to 8; all-zero bytes must be a valid `T`.
+#[inline(always)]
+unsafe fn zero_words<T>(dst: *mut T) {
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(8)) };
+    let d = dst.cast::<u64>();
+    for i in 0..core::mem::size_of::<T>() / 8 {
+        // SAFETY: within the value, by the size assertion and the caller's promise.
+        unsafe { core::ptr::write_volatile(d.add(i), 0) };
+    }
 }
 
 /// Which transitions run in the owner's own system call, so `current` is the owner:
@@ -266,37 +307,56 @@ fn ro<T: Copy>(field: &T) -> T {
 /// v4-mapped v6 address.
 #[inline(always)]
 fn in_cidr(cidr: &Cidr, family: u16, addr: &[u8; 16]) -> bool {
-    let mut a = [0u8; 16];
-    let len: usize;
+    // Compared as big-endian words under a mask, read at constant indices: a local copy of
+    // the address would be zeroed and filled with memset/memmove calls (see `copy_words`),
+    // and the verifier refuses the pointer arithmetic of a slice walk.
+    let prefix = u32::from(ro(&cidr.prefix_len));
+    let want = &cidr.addr;
     if ro(&cidr.family) == AF_INET {
-        if family == AF_INET {
-            a[..4].copy_from_slice(&addr[..4]);
-        } else if addr[..10] == [0u8; 10] && addr[10] == 0xff && addr[11] == 0xff {
-            a[..4].copy_from_slice(&addr[12..]);
+        let a = if family == AF_INET {
+            be32(addr, 0)
+        } else if be64(addr, 0) == 0 && be32(addr, 8) == 0xffff {
+            be32(addr, 12)
         } else {
             return false;
-        }
-        len = 4;
-    } else {
-        if family != AF_INET6 {
-            return false;
-        }
-        a = *addr;
-        len = 16;
+        };
+        let mask = match prefix {
+            0 => 0,
+            p => u32::MAX << (32 - p.min(32)),
+        };
+        return (a ^ be32_ro(want, 0)) & mask == 0;
     }
-    let mut bits = u32::from(ro(&cidr.prefix_len));
-    for (i, (byte, want)) in a.iter().zip(cidr.addr.iter()).enumerate() {
-        if i >= len || bits == 0 {
-            break;
-        }
-        let take = if bits >= 8 { 8 } else { bits };
-        let mask: u8 = (0xffu16 << (8 - take)) as u8;
-        if (byte ^ ro(want)) & mask != 0 {
-            return false;
-        }
-        bits -= take;
+    if family != AF_INET6 {
+        return false;
     }
-    true
+    let p = prefix.min(128);
+    let mhi = match p {
+        0 => 0,
+        p if p >= 64 => u64::MAX,
+        p => u64::MAX << (64 - p),
+    };
+    let mlo = if p <= 64 { 0 } else { u64::MAX << (128 - p) };
+    let whi = u64::from(be32_ro(want, 0)) << 32 | u64::from(be32_ro(want, 4));
+    let wlo = u64::from(be32_ro(want, 8)) << 32 | u64::from(be32_ro(want, 12));
+    (be64(addr, 0) ^ whi) & mhi == 0 && (be64(addr, 8) ^ wlo) & mlo == 0
+}
+
+/// The big-endian u32 at `at` (a constant) of an address.
+#[inline(always)]
+fn be32(b: &[u8; 16], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The big-endian u64 at `at` (a constant) of an address.
+#[inline(always)]
+fn be64(b: &[u8; 16], at: usize) -> u64 {
+    u64::from(be32(b, at)) << 32 | u64::from(be32(b, at + 4))
+}
+
+/// `be32` of one of our read-only globals.
+#[inline(always)]
+fn be32_ro(b: &[u8; 16], at: usize) -> u32 {
+    u32::from_be_bytes([ro(&b[at]), ro(&b[at + 1]), ro(&b[at + 2]), ro(&b[at + 3])])
 }
 
 /// The filters that need no state: family, ports, addresses. Evaluated before any map
@@ -400,6 +460,16 @@ impl Record {
 
 const _: () = assert!(TP_RECORD_WORDS == 9, "Record::copy unrolls words 1 to 8");
 
+// `copy_words` of addresses and owners between a `SockInfo` and a `StateEvent` needs them
+// at 8-aligned offsets of 8-aligned structs.
+const _: () = {
+    use core::mem::{align_of, offset_of};
+    assert!(align_of::<SockInfo>() == 8 && align_of::<StateEvent>() == 8);
+    assert!(offset_of!(SockInfo, saddr) % 8 == 0 && offset_of!(SockInfo, daddr) % 8 == 0);
+    assert!(offset_of!(SockInfo, owner) % 8 == 0 && offset_of!(StateEvent, owner) % 8 == 0);
+    assert!(offset_of!(StateEvent, saddr) % 8 == 0 && offset_of!(StateEvent, daddr) % 8 == 0);
+};
+
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     match try_inet_sock_set_state(&ctx) {
@@ -446,13 +516,16 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         )
     } else {
         // The v6 fields of an AF_INET socket are not what we want; copy only the v4 ones.
-        let s: [u8; 4] = rec.field(ro(&layout.saddr));
-        let d: [u8; 4] = rec.field(ro(&layout.daddr));
-        let mut sa = [0u8; 16];
-        let mut da = [0u8; 16];
-        sa[..4].copy_from_slice(&s);
-        da[..4].copy_from_slice(&d);
-        (sa, da)
+        // Built as words: zeroing a byte array's tail is a memset call (see `copy_words`).
+        let s: u32 = rec.field(ro(&layout.saddr));
+        let d: u32 = rec.field(ro(&layout.daddr));
+        // SAFETY: [u32; 4] and [u8; 16] have the same size, and any bytes are valid.
+        unsafe {
+            (
+                core::mem::transmute::<[u32; 4], [u8; 16]>([s, 0, 0, 0]),
+                core::mem::transmute::<[u32; 4], [u8; 16]>([d, 0, 0, 0]),
+            )
+        }
     };
     let sport: u16 = rec.field(ro(&layout.sport));
     let dport: u16 = rec.field(ro(&layout.dport));
@@ -473,31 +546,35 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     } else {
         SOCKS.get_ptr_mut(skaddr)
     };
-    let mut info = match existing {
-        // SAFETY: a map value we hold no other reference to; copied out.
-        Some(p) => unsafe { *p },
+    // Built in place and never moved: a move of it is a memmove call (see `copy_words`).
+    let mut slot = core::mem::MaybeUninit::<SockInfo>::uninit();
+    let info = slot.as_mut_ptr();
+    match existing {
+        // SAFETY: a map value (aligned to 8) we hold no other reference to; copied out.
+        Some(p) => unsafe { copy_words(info, p) },
         None => {
             flags |= if starts_life {
                 EVENT_F_NEW_CONN
             } else {
                 EVENT_F_MIDLIFE
             };
-            SockInfo {
-                conn_id: next_conn_id(cpu),
-                unaccepted: u8::from(old == TCP_LISTEN && new == TCP_SYN_RECV),
-                netns: netns_of(skaddr),
-                ..SockInfo::default()
-            }
+            // SAFETY: our own local, aligned to 8; all-zero is a valid SockInfo.
+            unsafe { zero_words(info) };
+            // SAFETY: as above, now initialised.
+            let info = unsafe { &mut *info };
+            info.conn_id = next_conn_id(cpu);
+            info.unaccepted = u8::from(old == TCP_LISTEN && new == TCP_SYN_RECV);
+            info.netns = netns_of(skaddr);
         }
-    };
+    }
+    // SAFETY: initialised by one of the two arms.
+    let info = unsafe { slot.assume_init_mut() };
     if filter_flags & FILTER_NETNS != 0 && info.netns != ro(&FILTER.netns) {
         bump(COUNTER_FILTERED);
         return Ok(());
     }
-    if source != OWNER_SRC_NONE
-        && let Some(owner) = current_owner(source)
-    {
-        info.owner = owner;
+    if source != OWNER_SRC_NONE {
+        set_current_owner(&mut info.owner, source);
     }
     if old == TCP_LISTEN && new == TCP_SYN_RECV {
         // SAFETY: a plain Owner copied out of the map.
@@ -537,9 +614,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             let (tw, substate) = tw;
             info.state = substate;
             if keep_owner(filter_flags, &info.owner) {
-                let _ = insert_tw(&tw, &info);
+                let _ = insert_tw(&tw, info);
                 // `old → old` when it stays in its state (FIN_WAIT2): a handoff, not a change.
-                emit(&info, tw, old, substate, flags | EVENT_F_TIMEWAIT, cpu, 0);
+                emit(info, tw, old, substate, flags | EVENT_F_TIMEWAIT, cpu, 0);
             } else {
                 bump(COUNTER_FILTERED);
             }
@@ -547,13 +624,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         }
     } else if let Some(p) = existing {
         // SAFETY: same map value as above, still ours for this program run.
-        unsafe { *p = info };
-    } else if insert_sock(&skaddr, &info).is_err() {
+        unsafe { copy_words(p, info) };
+    } else if insert_sock(&skaddr, info).is_err() {
         flags |= EVENT_F_UNTRACKED;
         bump(COUNTER_SOCK_MAP_FULL);
     }
     if keep_owner(filter_flags, &info.owner) {
-        emit(&info, skaddr, old, new, flags, cpu, 0);
+        emit(info, skaddr, old, new, flags, cpu, 0);
     } else {
         bump(COUNTER_FILTERED);
     }
@@ -875,21 +952,25 @@ fn on_accept(ctx: &TracePointContext) -> Result<(), i64> {
     let Some(p) = SOCKS.get_ptr_mut(sk) else {
         return Ok(());
     };
-    let Some(owner) = current_owner(OWNER_SRC_ACCEPT) else {
-        return Ok(());
-    };
     // SAFETY: a map value we hold no other reference to.
     let info = unsafe { &mut *p };
-    info.owner = owner;
+    if !set_current_owner(&mut info.owner, OWNER_SRC_ACCEPT) {
+        return Ok(());
+    }
     info.unaccepted = 0;
-    let copy = *info;
+    let mut slot = core::mem::MaybeUninit::<SockInfo>::uninit();
+    // SAFETY: both aligned to 8 (a map value and a local); every word written.
+    let copy = unsafe {
+        copy_words(slot.as_mut_ptr(), info);
+        slot.assume_init_mut()
+    };
     let filter_flags = ro(&FILTER.flags);
     if keep_owner(filter_flags, &copy.owner)
         && (filter_flags & FILTER_NETNS == 0 || copy.netns == ro(&FILTER.netns))
     {
         // SAFETY: helper without arguments.
         let cpu = unsafe { bpf_get_smp_processor_id() };
-        emit(&copy, sk, copy.state, copy.state, EVENT_F_ACCEPT, cpu, 0);
+        emit(copy, sk, copy.state, copy.state, EVENT_F_ACCEPT, cpu, 0);
     } else {
         bump(COUNTER_FILTERED);
     }
@@ -1022,9 +1103,9 @@ fn fill(
         (*ev).skaddr = skaddr;
         (*ev).conn_id = info.conn_id;
         (*ev).pid_tgid = bpf_get_current_pid_tgid();
-        (*ev).saddr = info.saddr;
-        (*ev).daddr = info.daddr;
-        (*ev).comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+        copy_words(&raw mut (*ev).saddr, &info.saddr);
+        copy_words(&raw mut (*ev).daddr, &info.daddr);
+        current_comm_into(&mut (*ev).comm);
         (*ev).sport = info.sport;
         (*ev).dport = info.dport;
         (*ev).family = info.family;
@@ -1032,7 +1113,7 @@ fn fill(
         (*ev).newstate = new;
         (*ev).flags = flags;
         (*ev).cpu = cpu;
-        (*ev).owner = info.owner;
+        copy_words(&raw mut (*ev).owner, &info.owner);
         (*ev).netns = info.netns;
         (*ev)._pad = 0;
     }
