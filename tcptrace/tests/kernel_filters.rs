@@ -154,3 +154,62 @@ fn owner_filter_keeps_a_process_sockets_from_their_first_event() {
         assert_no_loss(&tracer.counters());
     });
 }
+
+#[test]
+fn an_ipv4_prefix_keeps_its_addresses_v4_mapped_ones_included() {
+    let Some(_g) = kernel_guard() else { return };
+    runtime().block_on(async {
+        let mut tracer = tracer_with(FilterArgs {
+            laddr: Some(parse_cidr("127.0.0.0/31").unwrap()),
+            ..FilterArgs::default()
+        });
+        // The server's side is on 127.0.0.2, outside the prefix; its client's, from
+        // 127.0.0.1 (the kernel's source address for the whole of 127/8), inside.
+        let outside = TcpListener::bind("127.0.0.2:0").unwrap();
+        let outside_port = outside.local_addr().unwrap().port();
+        client_closes_first(&outside);
+        drop(outside);
+        // A dual-stack listener on `::` (not an IPv4 address: outside) accepts an IPv4
+        // client: the accepted socket is AF_INET6 with local address ::ffff:127.0.0.1,
+        // which the IPv4 prefix matches.
+        let dual = TcpListener::bind("[::]:0").unwrap();
+        let dual_port = dual.local_addr().unwrap().port();
+        let c = TcpStream::connect(("127.0.0.1", dual_port)).unwrap();
+        let (mut s, _) = dual.accept().unwrap();
+        drop(c);
+        assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0);
+        drop(s);
+        drop(dual);
+        // Kept: the two clients' 5 transitions each, and the mapped child's 5 and its
+        // accept.
+        let events = collect(
+            &mut tracer,
+            |_| true,
+            |e| e.len() >= 16,
+            Duration::from_secs(3),
+        )
+        .await;
+        assert_eq!(events.len(), 16, "{}", show(&events));
+        let inside = |t: &tcptrace::event::Transition| {
+            matches!(t.local.ip().to_canonical(), std::net::IpAddr::V4(a) if a.octets()[..3] == [127, 0, 0] && a.octets()[3] < 2)
+        };
+        assert!(events.iter().all(inside), "{}", show(&events));
+        assert_eq!(
+            events.iter().filter(|t| t.local.port() == outside_port).count(),
+            0,
+            "{}",
+            show(&events)
+        );
+        let mapped: Vec<_> = events
+            .iter()
+            .filter(|t| t.local.port() == dual_port)
+            .collect();
+        // (The decoder reports the mapped address as the IPv4 address it is.)
+        assert_eq!(mapped.len(), 6, "{}", show(&events));
+        let c = tracer.counters();
+        // The outside listener's CLOSE→LISTEN and LISTEN→CLOSE and its child's 5, and the
+        // dual-stack listener's 2.
+        assert!(c.filtered >= 9, "dropped in the kernel: {c:?}");
+        assert_no_loss(&c);
+    });
+}
