@@ -70,6 +70,11 @@ pub struct BenchArgs {
     /// Leave out the paced tcptrace runs that find the rate where loss starts.
     #[arg(long)]
     skip_onset: bool,
+    /// Where the tracers write their logs (default: target/bench/raw). At flat-out churn
+    /// tcptrace writes ~180 MB/s of NDJSON: a tmpfs such as /dev/shm takes the disk out of
+    /// the measurement, to tell the daemon's own limits from the disk's.
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
     /// Connections held open in the engine for the memory figure.
     #[arg(long, default_value_t = 1_000_000)]
     memory_connections: u64,
@@ -183,7 +188,16 @@ pub fn run(mut args: BenchArgs, workspace: &Path) -> Result<()> {
     let target = workspace.join("target");
     let out_dir = target.join("bench");
     // Raw tracer output of this run only; the big files go as soon as they are counted.
-    let raw = out_dir.join("raw");
+    let raw = match &args.log_dir {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--log-dir {}: not a directory", dir.display());
+            }
+            dir.join("tcptrace-bench-raw")
+        }
+        None => out_dir.join("raw"),
+    };
+    eprintln!("bench: the tracers write their logs in {}", raw.display());
     if raw.exists() {
         std::fs::remove_dir_all(&raw).with_context(|| format!("remove {}", raw.display()))?;
     }

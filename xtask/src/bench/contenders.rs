@@ -155,7 +155,10 @@ pub fn run_one(
             let mut kept = None;
             if let (Ok(run), Some(keep)) = (&run, keep_log) {
                 let seen = run.seen.as_ref().expect("a traced run has counts");
-                if std::fs::rename(&log, keep).is_ok() {
+                // A copy where the log is on another file system (`--log-dir`).
+                let moved =
+                    std::fs::rename(&log, keep).is_ok() || std::fs::copy(&log, keep).is_ok();
+                if moved {
                     kept = Some((
                         keep.to_path_buf(),
                         seen.transitions + seen.other_transitions,
