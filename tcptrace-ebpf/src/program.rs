@@ -835,10 +835,9 @@ pub fn tw_timer_start(ctx: TracePointContext) -> u32 {
         if substate != info.state {
             let from = info.state;
             info.state = substate;
-            let copy = *info;
             // SAFETY: helper without arguments.
             let cpu = unsafe { bpf_get_smp_processor_id() };
-            emit(&copy, tw, from, substate, EVENT_F_TIMEWAIT, cpu, 0);
+            emit(info, tw, from, substate, EVENT_F_TIMEWAIT, cpu, 0);
         }
         return 0;
     }
@@ -958,19 +957,15 @@ fn on_accept(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     info.unaccepted = 0;
-    let mut slot = core::mem::MaybeUninit::<SockInfo>::uninit();
-    // SAFETY: both aligned to 8 (a map value and a local); every word written.
-    let copy = unsafe {
-        copy_words(slot.as_mut_ptr(), info);
-        slot.assume_init_mut()
-    };
+    // The event is filled from the map value itself, which stays valid for the whole run
+    // of the program: a local copy of it would only be read once more.
     let filter_flags = ro(&FILTER.flags);
-    if keep_owner(filter_flags, &copy.owner)
-        && (filter_flags & FILTER_NETNS == 0 || copy.netns == ro(&FILTER.netns))
+    if keep_owner(filter_flags, &info.owner)
+        && (filter_flags & FILTER_NETNS == 0 || info.netns == ro(&FILTER.netns))
     {
         // SAFETY: helper without arguments.
         let cpu = unsafe { bpf_get_smp_processor_id() };
-        emit(copy, sk, copy.state, copy.state, EVENT_F_ACCEPT, cpu, 0);
+        emit(info, sk, info.state, info.state, EVENT_F_ACCEPT, cpu, 0);
     } else {
         bump(COUNTER_FILTERED);
     }
