@@ -3,7 +3,6 @@
 //! every byte here costs a megabyte.
 
 use crate::event::TcpState;
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::lifecycle::Role;
@@ -170,7 +169,7 @@ impl Conn {
 }
 
 /// Paths that outgrew [`Conn::path`], by conn_id.
-pub type Spill = HashMap<u64, Vec<u8>>;
+pub type Spill = super::IdMap<Vec<u8>>;
 
 /// One decoded path step: the state, when it began (None if unseen), whether events were
 /// lost just before it.
@@ -316,7 +315,7 @@ mod tests {
 
     #[test]
     fn path_round_trips_exact_times_including_backwards_and_spills() {
-        let mut spill = Spill::new();
+        let mut spill = Spill::default();
         let mut c = Conn::fresh(7, 1_000, Established, Role::Unknown);
         c.push_untimed(&mut spill, Close, false);
         let times = [1_000u64, 5, u64::MAX, 3_600_000_000_000, 2, 9_000_000_000];
@@ -362,7 +361,7 @@ mod tests {
 
     #[test]
     fn path_is_capped_and_marked_truncated() {
-        let mut spill = Spill::new();
+        let mut spill = Spill::default();
         let mut c = Conn::fresh(1, 0, Established, Role::Unknown);
         for i in 0..1_000u64 {
             c.push_timed(&mut spill, Established, i << 40);

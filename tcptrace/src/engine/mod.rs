@@ -25,14 +25,13 @@ pub use close_kind::{CloseEvidence, CloseKind, classify};
 pub use lifecycle::{EndReason, Family, LifecycleRecord, PathStep, Role};
 pub use state_machine::{in_owner_context, is_legal, starts_identity};
 pub use stats::{CloseKindCounts, EngineStats};
-pub use table::{IdHasher, IdMap};
+pub use table::{FastMap, FastSet, IdHasher, IdMap};
 
 use crate::event::{EventKind, Task, TcpState, Transition};
 use crate::rules::{Alert, Rule, RuleEvent, RulesConfig, default_rules};
 use conn::{
     Conn, F_ENTRY_UNKNOWN, F_GAP, F_ILLEGAL, F_PARTIAL_START, F_REFERENCED, F_SPILLED, Spill, Steps,
 };
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
 use table::{Owners, Slab, map_heap_bytes};
@@ -99,7 +98,7 @@ struct ListenerEntry {
 struct Books {
     spill: Spill,
     owners: Owners,
-    listeners: HashMap<SocketAddr, ListenerEntry>,
+    listeners: FastMap<SocketAddr, ListenerEntry>,
     state_counts: [u64; 14],
     stats: EngineStats,
 }
@@ -133,9 +132,9 @@ impl Engine {
             slab: Slab::new(),
             index: IdMap::default(),
             books: Books {
-                spill: Spill::new(),
+                spill: Spill::default(),
                 owners: Owners::new(),
-                listeners: HashMap::new(),
+                listeners: FastMap::default(),
                 state_counts: [0; 14],
                 stats: EngineStats::default(),
             },

@@ -31,6 +31,11 @@ impl Hasher for IdHasher {
 
 pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
+/// A map keyed by anything else (tasks, addresses): foldhash, seeded per map, a few times
+/// cheaper than std's SipHash and still resistant to keys chosen by a remote peer.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 /// Connections by slot. The conn_id → slot index lives beside it (in the engine) so the
 /// hot path can hold an index entry while allocating a slot.
 pub struct Slab {
@@ -146,7 +151,7 @@ pub fn map_heap_bytes(capacity: usize, entry: usize) -> usize {
 pub struct Owners {
     tasks: Vec<Task>,
     refs: Vec<u32>,
-    index: HashMap<Task, u32>,
+    index: FastMap<Task, u32>,
     free: Vec<u32>,
     /// The id interned last (0 if none).
     last: u32,
@@ -158,7 +163,7 @@ impl Owners {
         Owners {
             tasks: vec![Task::default()],
             refs: vec![0],
-            index: HashMap::new(),
+            index: FastMap::default(),
             free: Vec::new(),
             last: 0,
         }

@@ -1,13 +1,12 @@
 //! Shared machinery for "socket stuck in one state" rules: sockets waiting in the state are
-//! kept ordered by entry time, so `tick` only looks at the ones that just crossed the
-//! threshold; stuck sockets are grouped per owner process so a leak of 500 sockets is one
+//! queued by entry time, so `tick` only looks at the ones that just crossed the threshold; stuck sockets are grouped per owner process so a leak of 500 sockets is one
 //! finding, re-stated when it doubles and resolved, with how long it lasted, when the
 //! last one leaves the state.
 
 use super::{Alert, AlertStatus, PeerShare, Rule, RuleEvent, RulesConfig, text};
-use crate::engine::IdMap;
+use crate::engine::{FastMap, FastSet, IdMap};
 use crate::event::{EventKind, Task, TcpState};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
 /// What differs between the stuck rules.
@@ -36,6 +35,7 @@ type GroupKey = (Option<u32>, Option<u16>);
 enum Loc {
     Waiting {
         since: u64,
+        w: Waiting,
     },
     Stuck {
         since: u64,
@@ -50,7 +50,7 @@ struct Group {
     owner: Option<Task>,
     /// (entered, conn_id), oldest first.
     sockets: BTreeSet<(u64, u64)>,
-    peers: HashMap<SocketAddr, u64>,
+    peers: FastMap<SocketAddr, u64>,
     /// Earliest entry into the state among all sockets this finding ever had.
     first_since: u64,
     /// Longest any departed socket was in the state.
@@ -66,12 +66,18 @@ pub struct Stuck {
     spec: StuckSpec,
     after_ns: u64,
     max_sockets: usize,
-    waiting: BTreeMap<(u64, u64), Waiting>,
+    /// (entered, conn_id) of sockets waiting in the state, oldest first. Sockets enter in
+    /// (nearly) time order, so this is a push at the back; one that leaves early is not
+    /// searched for: its entry stays, dead, until `tick` pops it or a compaction drops it.
+    /// An entry is live while `loc` has the socket waiting since that very time.
+    waiting: VecDeque<(u64, u64)>,
+    /// Live entries in `waiting`: the dead ones are `waiting.len() - live_waiting`.
+    live_waiting: usize,
     loc: IdMap<Loc>,
-    groups: HashMap<GroupKey, Group>,
+    groups: FastMap<GroupKey, Group>,
     /// Sockets found in the state by the start-up snapshot: how long they were in it
     /// before is unknown, so their ages are lower bounds.
-    present: std::collections::HashSet<u64>,
+    present: FastSet<u64>,
     /// Sockets not tracked because `max_sockets` was reached.
     pub untracked: u64,
 }
@@ -82,10 +88,11 @@ impl Stuck {
             spec,
             after_ns,
             max_sockets: cfg.max_sockets,
-            waiting: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            live_waiting: 0,
             loc: IdMap::default(),
-            groups: HashMap::new(),
-            present: std::collections::HashSet::new(),
+            groups: FastMap::default(),
+            present: FastSet::default(),
             untracked: 0,
         }
     }
@@ -96,8 +103,9 @@ impl Stuck {
         }
         match self.loc.remove(&id) {
             None => {}
-            Some(Loc::Waiting { since }) => {
-                self.waiting.remove(&(since, id));
+            Some(Loc::Waiting { .. }) => {
+                self.live_waiting -= 1;
+                self.compact();
             }
             Some(Loc::Stuck { since, group, peer }) => {
                 let Some(g) = self.groups.get_mut(&group) else {
@@ -118,6 +126,20 @@ impl Stuck {
                 }
             }
         }
+    }
+
+    /// Drops dead entries from `waiting` once they outnumber the live ones (with some
+    /// slack): sockets passing through the state quickly then keep it at about twice the
+    /// sockets waiting, for an amortised O(1) per departure.
+    fn compact(&mut self) {
+        let dead = self.waiting.len() - self.live_waiting;
+        if dead <= self.live_waiting + 1024 {
+            return;
+        }
+        let loc = &self.loc;
+        self.waiting.retain(
+            |&(since, id)| matches!(loc.get(&id), Some(&Loc::Waiting { since: s, .. }) if s == since),
+        );
     }
 
     /// Who holds the sockets of group `key`, for messages.
@@ -226,8 +248,17 @@ impl Stuck {
             peer: ev.peer(),
             backlog_of: (t.meta.unaccepted && t.kind == EventKind::State).then_some(t.local.port()),
         };
-        self.waiting.insert((since, id), w);
-        self.loc.insert(id, Loc::Waiting { since });
+        let key = (since, id);
+        if self.waiting.back().is_none_or(|&last| last <= key) {
+            self.waiting.push_back(key);
+        } else {
+            // Out of order: a few microseconds across CPUs, or an accepted socket that
+            // keeps the time it entered the state.
+            let at = self.waiting.partition_point(|&e| e <= key);
+            self.waiting.insert(at, key);
+        }
+        self.live_waiting += 1;
+        self.loc.insert(id, Loc::Waiting { since, w });
         if t.kind == EventKind::Present {
             self.present.insert(id);
         }
@@ -250,7 +281,7 @@ impl Rule for Stuck {
             // keeping the time it entered the state.
             let id = ev.rec.t.conn_id;
             let since = match self.loc.get(&id) {
-                Some(Loc::Waiting { since } | Loc::Stuck { since, .. }) => *since,
+                Some(Loc::Waiting { since, .. } | Loc::Stuck { since, .. }) => *since,
                 None => return,
             };
             let present = self.present.contains(&id);
@@ -290,19 +321,21 @@ impl Rule for Stuck {
 
     fn tick(&mut self, now: u64, out: &mut Vec<Alert>) {
         let mut touched: Vec<GroupKey> = Vec::new();
-        while let Some((&(since, id), _)) = self.waiting.first_key_value() {
+        while let Some(&(since, id)) = self.waiting.front() {
             if now.saturating_sub(since) < self.after_ns {
                 break;
             }
-            let w = self
-                .waiting
-                .remove(&(since, id))
-                .expect("first entry present");
+            self.waiting.pop_front();
+            let w = match self.loc.get(&id) {
+                Some(&Loc::Waiting { since: s, w }) if s == since => w,
+                _ => continue, // left the state (or re-entered later) meanwhile
+            };
+            self.live_waiting -= 1;
             let key = (w.owner.map(|o| o.pid), w.backlog_of);
             let g = self.groups.entry(key).or_insert_with(|| Group {
                 owner: w.owner,
                 sockets: BTreeSet::new(),
-                peers: HashMap::new(),
+                peers: FastMap::default(),
                 first_since: since,
                 longest_ns: 0,
                 total: 0,
@@ -345,11 +378,104 @@ impl Rule for Stuck {
     fn finish(&mut self) {
         self.present.clear();
         self.waiting.clear();
+        self.live_waiting = 0;
         self.loc.clear();
         self.groups.clear();
     }
 
     fn footprint(&self) -> usize {
         self.loc.len() + self.groups.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testkit::*;
+    use crate::engine::{Role, TransitionRecord};
+    use crate::event::TcpState::*;
+
+    fn rule() -> Stuck {
+        let spec = StuckSpec {
+            rule: "test_stuck",
+            state: CloseWait,
+            explanation: "",
+            description: "",
+        };
+        Stuck::new(spec, 10 * S, &RulesConfig::default())
+    }
+
+    /// Feeds connection `id` from `old` to `new` at `ts` to the rule alone.
+    fn step(r: &mut Stuck, id: u64, ts: u64, old: TcpState, new: TcpState) -> Vec<Alert> {
+        let s = Sock::new(id, "10.0.0.1:80", "10.0.0.9:5000", task(7, "srv"));
+        let rec = TransitionRecord {
+            t: s.ev(ts, old, new),
+            in_old_state_ns: None,
+            owner: Some(task(7, "srv")),
+            role: Role::ActiveOpen,
+            legal: true,
+            gap: false,
+        };
+        let ev = RuleEvent {
+            rec: &rec,
+            prev_state: Some(old),
+            local: s.local,
+            remote: s.remote,
+            handshake_ns: None,
+            closed: None,
+        };
+        let mut out = Vec::new();
+        r.on_transition(&ev, &mut out);
+        out
+    }
+
+    #[test]
+    fn sockets_that_leave_early_leave_a_bounded_queue_and_never_fire() {
+        let mut r = rule();
+        // One socket stays; 100,000 pass through the state within a millisecond each.
+        step(&mut r, 1, 0, Established, CloseWait);
+        for id in 2..100_002u64 {
+            let ts = id * 1_000;
+            step(&mut r, id, ts, Established, CloseWait);
+            step(&mut r, id, ts + 500, CloseWait, LastAck);
+            assert!(
+                r.waiting.len() <= 2 * r.live_waiting + 1025,
+                "{} queued for {} waiting",
+                r.waiting.len(),
+                r.live_waiting
+            );
+        }
+        assert_eq!((r.live_waiting, r.loc.len()), (1, 1));
+        let mut out = Vec::new();
+        r.tick(10 * S, &mut out);
+        assert_eq!(out.len(), 1, "only the socket that stayed: {out:#?}");
+        assert_eq!(out[0].count, 1);
+        assert_eq!(out[0].oldest_age_ns, Some(10 * S));
+        assert!(r.waiting.len() <= 1025, "{}", r.waiting.len());
+    }
+
+    #[test]
+    fn an_entry_out_of_time_order_still_fires_on_time() {
+        let mut r = rule();
+        step(&mut r, 1, 5 * S, Established, CloseWait);
+        // Another CPU's event, delivered after but 2 s earlier.
+        step(&mut r, 2, 3 * S, Established, CloseWait);
+        let mut out = Vec::new();
+        r.tick(13 * S, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].count, out[0].oldest_age_ns), (1, Some(10 * S)));
+        r.tick(15 * S, &mut out);
+        assert_eq!(out.len(), 2, "{out:#?}");
+        assert_eq!((out[1].count, out[1].status), (2, AlertStatus::Update));
+        // Re-entering after leaving: the old entry is dead, the new one times from now.
+        step(&mut r, 3, 16 * S, Established, CloseWait);
+        step(&mut r, 3, 17 * S, CloseWait, LastAck);
+        step(&mut r, 3, 18 * S, LastAck, CloseWait);
+        r.tick(26 * S + 1, &mut out);
+        assert_eq!(out.len(), 2, "socket 3 entered again at 18 s: {out:#?}");
+        r.tick(28 * S, &mut out);
+        assert_eq!(out.len(), 2, "3 sockets after 2 is no doubling");
+        assert_eq!(r.loc.len(), 3);
+        assert_eq!(r.live_waiting, 0);
     }
 }

@@ -1,9 +1,10 @@
 //! syn_backlog: accepted children piling up in SYN_RECV per listener (half-open build-up).
 
 use super::{Alert, AlertStatus, Rule, RuleEvent, RulesConfig, text};
+use crate::engine::FastMap;
 use crate::engine::IdMap;
 use crate::event::{Task, TcpState};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 const NAME: &str = "syn_backlog";
@@ -27,7 +28,7 @@ pub struct SynBacklog {
     /// conn_id → (listener key, entered): children are counted under the listener tuple
     /// of their first event; their later events carry their own.
     loc: IdMap<(SocketAddr, u64)>,
-    listeners: HashMap<SocketAddr, Backlog>,
+    listeners: FastMap<SocketAddr, Backlog>,
     pub untracked: u64,
 }
 
@@ -37,7 +38,7 @@ impl SynBacklog {
             min: cfg.syn_backlog_min.max(1),
             max_sockets: cfg.max_sockets,
             loc: IdMap::default(),
-            listeners: HashMap::new(),
+            listeners: FastMap::default(),
             untracked: 0,
         }
     }
