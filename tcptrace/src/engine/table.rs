@@ -31,8 +31,9 @@ impl Hasher for IdHasher {
 
 pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
-/// A map keyed by anything else (tasks, addresses): foldhash, seeded per map, a few times
-/// cheaper than std's SipHash and still resistant to keys chosen by a remote peer.
+/// A map keyed by what this host decides (tasks, local addresses, owner pids): foldhash,
+/// seeded per map, a few times cheaper than std's SipHash but only minimally
+/// HashDoS-resistant, so maps keyed by what remote peers choose keep std's SipHash.
 pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 

@@ -1,12 +1,13 @@
 //! Shared machinery for "socket stuck in one state" rules: sockets waiting in the state are
-//! queued by entry time, so `tick` only looks at the ones that just crossed the threshold; stuck sockets are grouped per owner process so a leak of 500 sockets is one
-//! finding, re-stated when it doubles and resolved, with how long it lasted, when the
-//! last one leaves the state.
+//! queued by entry time, so `tick` only looks at the ones that just crossed the threshold;
+//! stuck sockets are grouped per owner process so a leak of 500 sockets is one finding,
+//! re-stated when it doubles and resolved, with how long it lasted, when the last one
+//! leaves the state.
 
 use super::{Alert, AlertStatus, PeerShare, Rule, RuleEvent, RulesConfig, text};
 use crate::engine::{FastMap, FastSet, IdMap};
 use crate::event::{EventKind, Task, TcpState};
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 
 /// What differs between the stuck rules.
@@ -50,7 +51,8 @@ struct Group {
     owner: Option<Task>,
     /// (entered, conn_id), oldest first.
     sockets: BTreeSet<(u64, u64)>,
-    peers: FastMap<SocketAddr, u64>,
+    /// Keyed by the peers, which remote hosts choose, without a cap: std's SipHash.
+    peers: HashMap<SocketAddr, u64>,
     /// Earliest entry into the state among all sockets this finding ever had.
     first_since: u64,
     /// Longest any departed socket was in the state.
@@ -335,7 +337,7 @@ impl Rule for Stuck {
             let g = self.groups.entry(key).or_insert_with(|| Group {
                 owner: w.owner,
                 sockets: BTreeSet::new(),
-                peers: FastMap::default(),
+                peers: HashMap::new(),
                 first_since: since,
                 longest_ns: 0,
                 total: 0,

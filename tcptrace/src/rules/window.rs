@@ -4,8 +4,8 @@
 //! hovering at the threshold does not flap). Bounded: a key cap, idle keys forgotten.
 
 use super::{Alert, AlertStatus, Rule, RuleEvent};
-use crate::engine::FastMap;
 use crate::event::Task;
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::Hash;
 
@@ -138,7 +138,8 @@ impl Snapshot {
 }
 
 pub struct Episodes<K> {
-    map: FastMap<K, Episode>,
+    /// Keyed by peers (remote-chosen, up to `max_keys` of them): std's SipHash.
+    map: HashMap<K, Episode>,
     window_ns: u64,
     min_count: u64,
     max_keys: usize,
@@ -149,7 +150,7 @@ pub struct Episodes<K> {
 impl<K: Hash + Eq + Clone> Episodes<K> {
     pub fn new(window_ns: u64, min_count: u64, max_keys: usize) -> Episodes<K> {
         Episodes {
-            map: FastMap::default(),
+            map: HashMap::new(),
             window_ns,
             min_count: min_count.max(1),
             max_keys,
