@@ -243,19 +243,25 @@ impl Stuck {
 }
 
 impl Stuck {
-    fn wait(&mut self, id: u64, since: u64, ev: &RuleEvent<'_>) {
+    /// Who holds the socket of event `ev` and where it points.
+    fn waiting(ev: &RuleEvent<'_>) -> Waiting {
         let t = &ev.rec.t;
-        let w = Waiting {
+        Waiting {
             owner: ev.rec.owner,
             peer: ev.peer(),
             backlog_of: (t.meta.unaccepted && t.kind == EventKind::State).then_some(t.local.port()),
-        };
+        }
+    }
+
+    fn wait(&mut self, id: u64, since: u64, ev: &RuleEvent<'_>) {
+        let t = &ev.rec.t;
+        let w = Self::waiting(ev);
         let key = (since, id);
         if self.waiting.back().is_none_or(|&last| last <= key) {
             self.waiting.push_back(key);
         } else {
-            // Out of order: a few microseconds across CPUs, or an accepted socket that
-            // keeps the time it entered the state.
+            // Out of order: a few microseconds across CPUs, or a stuck socket accepted
+            // back into waiting with the time it entered the state.
             let at = self.waiting.partition_point(|&e| e <= key);
             self.waiting.insert(at, key);
         }
@@ -282,8 +288,13 @@ impl Rule for Stuck {
             // accept() gave a queued socket its owner: it moves to that owner's finding,
             // keeping the time it entered the state.
             let id = ev.rec.t.conn_id;
-            let since = match self.loc.get(&id) {
-                Some(Loc::Waiting { since, .. } | Loc::Stuck { since, .. }) => *since,
+            let since = match self.loc.get_mut(&id) {
+                // Not stuck yet: only who holds it changes; its queue entry stays.
+                Some(Loc::Waiting { w, .. }) => {
+                    *w = Self::waiting(ev);
+                    return;
+                }
+                Some(Loc::Stuck { since, .. }) => *since,
                 None => return,
             };
             let present = self.present.contains(&id);
