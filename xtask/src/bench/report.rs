@@ -212,7 +212,12 @@ fn rows(outcome: &Outcome) -> Vec<Row> {
                     .filter_map(|r| Some(r.daemon.as_ref()?.peak_rss_kib))
                     .max()
                     .unwrap_or(0),
-                bpf_ns: runs.iter().filter_map(|r| bpf_ns_per_event(r)).collect(),
+                bpf_ns: outcome
+                    .stats_runs
+                    .iter()
+                    .filter(|r| r.tracer == tracer)
+                    .filter_map(bpf_ns_per_event)
+                    .collect(),
                 recursion_misses: runs
                     .iter()
                     .filter_map(|r| Some(r.daemon.as_ref()?.prog.recursion_misses))
@@ -394,7 +399,7 @@ pub fn table(outcome: &Outcome) -> String {
     }
     writeln!(
         w,
-        "BPF ns/ev: kernel run time of the tracer's BPF program per invocation (median){}.",
+        "BPF ns/ev: kernel run time of the tracer's BPF program per invocation, from a short run of\n  each tracer after the rounds with the kernel's run-time stats on (they cost two clock reads\n  per run, kept out of the ratios){}.",
         if outcome.bpf_stats {
             ""
         } else {
@@ -590,6 +595,7 @@ pub fn json(outcome: &Outcome) -> Value {
         "unavailable": outcome.unavailable.iter().map(|(t, why)| json!({ "tracer": t.label(), "reason": why })).collect::<Vec<_>>(),
         "summary": summary,
         "runs": outcome.runs.iter().map(|r| run_json(outcome, r)).collect::<Vec<_>>(),
+        "bpf_run_time_runs": outcome.stats_runs.iter().map(|r| run_json(outcome, r)).collect::<Vec<_>>(),
         "figures": outcome.figures.iter().map(|f| { let mut j = f.json.clone(); j["name"] = json!(f.name); j }).collect::<Vec<_>>(),
     })
 }
