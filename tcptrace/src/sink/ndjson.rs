@@ -25,6 +25,8 @@ pub struct Ndjson<W: Write> {
     /// Scratch for one line: a transition is written into it, or a serde record, and the
     /// line goes to `out` in one write.
     line: Box<[u8; MAX_LINE]>,
+    /// The same for a lifecycle: room for the longest path the engine keeps.
+    long_line: Box<[u8; lifecycle::LINE]>,
     rare: Vec<u8>,
     times: Rfc3339Cache,
 }
@@ -35,6 +37,7 @@ impl<W: Write> Ndjson<W> {
             out,
             clock,
             line: Box::new([0; MAX_LINE]),
+            long_line: Box::new([0; lifecycle::LINE]),
             rare: Vec::with_capacity(4096),
             times: Rfc3339Cache::default(),
         }
@@ -92,13 +95,16 @@ const DIGIT_PAIRS: &[u8; 200] = &{
 /// A line being written into a fixed buffer: every piece is a copy of a size known at compile
 /// time (inlined moves, no memcpy calls, no capacity checks), the cursor advancing by the
 /// piece's real length.
-pub struct Cursor<'a> {
-    b: &'a mut [u8; MAX_LINE],
+/// The buffer must have room for the line plus 20 bytes (pieces are copied in fixed sizes):
+/// `MAX_LINE` for a transition, [`lifecycle::room`] for a lifecycle. Its size is a constant:
+/// on a slice of any length the transition encoder ran 13 % more instructions (callgrind).
+pub struct Cursor<'a, const N: usize> {
+    b: &'a mut [u8; N],
     n: usize,
 }
 
-impl<'a> Cursor<'a> {
-    pub fn new(b: &'a mut [u8; MAX_LINE]) -> Cursor<'a> {
+impl<'a, const N: usize> Cursor<'a, N> {
+    pub fn new(b: &'a mut [u8; N]) -> Cursor<'a, N> {
         Cursor { b, n: 0 }
     }
 
@@ -107,9 +113,9 @@ impl<'a> Cursor<'a> {
     }
 
     #[inline(always)]
-    fn put<const N: usize>(&mut self, s: &[u8; N]) {
-        self.b[self.n..self.n + N].copy_from_slice(s);
-        self.n += N;
+    fn put<const K: usize>(&mut self, s: &[u8; K]) {
+        self.b[self.n..self.n + K].copy_from_slice(s);
+        self.n += K;
     }
 
     /// A short piece of any length (names, the rare escaped or IPv6 text).
@@ -191,29 +197,13 @@ impl<'a> Cursor<'a> {
             self.n += len;
             self.put(b"\"");
         } else {
+            // serde_json's own escaping (the rare name with a quote, a control character or
+            // a byte that is not UTF-8): the same text in every record that carries a name.
             let mut text = Vec::with_capacity(96);
-            push_json_str(&mut text, &comm.as_str());
+            let _ = serde_json::to_writer(&mut text, &*comm.as_str());
             self.put_slice(&text);
         }
     }
-}
-
-fn push_json_str(buf: &mut Vec<u8>, s: &str) {
-    buf.push(b'"');
-    for c in s.chars() {
-        match c {
-            '"' => buf.extend_from_slice(b"\\\""),
-            '\\' => buf.extend_from_slice(b"\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(buf, "\\u{:04x}", c as u32);
-            }
-            c => {
-                let mut utf8 = [0u8; 4];
-                buf.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
-            }
-        }
-    }
-    buf.push(b'"');
 }
 
 /// Appends one transition line (with its newline) to `buf`.
@@ -226,7 +216,7 @@ pub fn encode_transition(buf: &mut String, clock: &WallClock, r: &TransitionReco
 
 /// As [`encode_transition`], into a line buffer, reusing a timestamp cache across a stream.
 pub fn encode_transition_into(
-    c: &mut Cursor<'_>,
+    c: &mut Cursor<'_, MAX_LINE>,
     clock: &WallClock,
     times: &mut Rfc3339Cache,
     r: &TransitionRecord,
@@ -350,7 +340,20 @@ impl<W: Write> Sink for Ndjson<W> {
                 let n = self.times.put(&self.clock, l.end_ts_ns, &mut time);
                 // ASCII by construction (digits, '-', ':', 'T', '.', 'Z').
                 let time = std::str::from_utf8(&time[..n]).unwrap_or_default();
-                lifecycle::encode_lifecycle(rare, time, l);
+                if lifecycle::room(l) <= lifecycle::LINE {
+                    let mut c = Cursor::new(&mut self.long_line);
+                    lifecycle::encode_lifecycle(&mut c, time, l);
+                    c.put(b"\n");
+                    return self.out.write_all(c.written());
+                }
+                // A path longer than the engine keeps: serde writes the same text.
+                let env = Envelope {
+                    kind: "lifecycle",
+                    schema: SCHEMA_VERSION,
+                    time: time.to_owned(),
+                    record: l,
+                };
+                serde_json::to_writer(&mut *rare, &env)?;
             }
             Output::Alert(a) => {
                 let env = Envelope {

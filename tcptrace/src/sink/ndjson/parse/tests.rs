@@ -92,7 +92,11 @@ fn the_lifecycle_examples_are_what_the_encoder_writes() {
         let record: crate::engine::LifecycleRecord = serde_json::from_str(line).unwrap();
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let mut out = Vec::new();
-        super::super::lifecycle::encode_lifecycle(&mut out, v["time"].as_str().unwrap(), &record);
+        super::super::lifecycle::encode_lifecycle_to(
+            &mut out,
+            v["time"].as_str().unwrap(),
+            &record,
+        );
         assert_eq!(String::from_utf8(out).unwrap(), line);
     }
 }
