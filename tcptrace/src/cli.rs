@@ -95,7 +95,8 @@ pub struct TraceArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct KernelArgs {
-    /// Kernel ring-buffer size in MiB (a power of two).
+    /// Kernel ring-buffer size in MiB; the kernel needs a power of two, so another size is
+    /// rounded up to the next one (and said so at start).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024), env = "TCPTRACE_RING_MB")]
     pub ring_mb: u32,
     /// Don't follow TIME_WAIT (timewait sockets, through the timer tracepoints): lifecycles

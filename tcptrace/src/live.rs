@@ -105,9 +105,16 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
     };
     let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
     let filter = args.filter.to_kernel().map_err(anyhow::Error::msg)?;
+    let ring_mb = args.kernel.ring_mb.next_power_of_two();
+    if ring_mb != args.kernel.ring_mb {
+        log::info!(
+            "ring buffer: {ring_mb} MiB (--ring-mb {} rounded up to a power of two, as the kernel needs)",
+            args.kernel.ring_mb
+        );
+    }
     let opts = LiveOptions {
         tracer: TracerConfig {
-            ring_bytes: args.kernel.ring_mb.next_power_of_two() << 20,
+            ring_bytes: ring_mb << 20,
             filter,
             timewait: !args.kernel.no_timewait,
             ..TracerConfig::default()
