@@ -95,6 +95,7 @@ const DIGIT_PAIRS: &[u8; 200] = &{
 /// A line being written into a fixed buffer: every piece is a copy of a size known at compile
 /// time (inlined moves, no memcpy calls, no capacity checks), the cursor advancing by the
 /// piece's real length.
+///
 /// The buffer must have room for the line plus 20 bytes (pieces are copied in fixed sizes):
 /// `MAX_LINE` for a transition, [`lifecycle::room`] for a lifecycle. Its size is a constant:
 /// on a slice of any length the transition encoder ran 13 % more instructions (callgrind).
