@@ -147,13 +147,12 @@ impl LifecycleRecord {
         end: EndReason,
         close_kind: Option<CloseKind>,
     ) -> LifecycleRecord {
-        let bytes = c.path_bytes(spill);
-        let steps = || Steps::new(bytes, c.first_ts).filter(|s| s.state.is_some());
         // One pass, one allocation: each step's duration is set when the next one arrives.
         // (Collecting the decoded steps first cost a second vector, grown once a lifecycle
         // for a full path, ~5 % of a replay.) A complete lifecycle has at most 7 steps.
         let mut path: Vec<PathStep> = Vec::with_capacity(8);
-        for s in steps() {
+        let steps = Steps::new(c.path_bytes(spill), c.first_ts).filter(|s| s.state.is_some());
+        for s in steps {
             if let Some(prev) = path.last_mut() {
                 prev.duration_ns = match (prev.entered_ns, s.ts) {
                     (Some(a), Some(b)) => b.checked_sub(a),
@@ -191,7 +190,12 @@ impl LifecycleRecord {
             owner,
             start_ts_ns: c.first_ts,
             end_ts_ns: end_ts,
-            handshake_ns: handshake_ns(steps()),
+            // From the path just built, not a second decode of its bytes.
+            handshake_ns: handshake_ns(path.iter().map(|p| Step {
+                state: Some(p.state),
+                ts: p.entered_ns,
+                gap: p.gap_before,
+            })),
             established_ns,
             lifetime_ns: if closed && !partial_start {
                 end_ts.checked_sub(c.first_ts)
