@@ -8,10 +8,11 @@ use std::rc::Rc;
 
 use anyhow::{Context as _, Result};
 
-use crate::cli::AnalyzeArgs;
+use crate::cli::{AnalyzeArgs, FileFormat};
 use crate::engine::{EndReason, Engine, Output};
-use crate::event::TcpState;
+use crate::event::{TcpState, Transition};
 use crate::pipeline::{Pipeline, engine_config};
+use crate::sink::binary;
 use crate::sink::ndjson::{Ndjson, parse_transition_bytes};
 use crate::sink::terminal::Terminal;
 use crate::sink::time::{WallClock, human};
@@ -147,31 +148,58 @@ fn wall_offset(line: &str) -> Option<i128> {
     Some(unix - ts)
 }
 
-/// Replays `input` into `pipeline`; returns the findings, and the first bad line if the
-/// replay stopped at one. Never loses what was computed before it.
+/// One line of a log: a binary record or an NDJSON line. `Ok(None)` for the records a
+/// replay recomputes or does not need.
+fn parse_line(line: &[u8]) -> Result<Option<(Transition, Option<i128>)>, String> {
+    if binary::is_record(line) {
+        return binary::decode(line)
+            .map(|(t, off)| Some((t, Some(i128::from(off)))))
+            .map_err(|e| e.to_string());
+    }
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    match parse_transition_bytes(line) {
+        Ok(Some(t)) => Ok(Some((t, None))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Replays `input` (NDJSON, binary records, or both) into `pipeline`; returns the findings,
+/// and the first bad line if the replay stopped at one. Never loses what was computed
+/// before it. The sinks learn the log's wall clock from its first transition (a binary
+/// record carries it; an NDJSON line's `time` against its `ts_ns` gives it).
 pub fn replay(
     input: impl Read,
     pipeline: &mut Pipeline,
     skip_bad: bool,
-    mut on_first: impl FnMut(&str),
 ) -> Result<(Findings, Option<BadLine>)> {
     let mut lines = Lines::new(input);
     let mut f = Findings::default();
     let mut next_tick: Option<u64> = None;
     let mut last_ts = 0u64;
-    let mut first = true;
+    let mut clock: Option<i128> = None;
     let mut stopped = None;
-    while let Some(raw) = lines.next_line().context("reading the log")? {
+    while let Some(line) = lines.next_line().context("reading the log")? {
         f.lines += 1;
-        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match parse_transition_bytes(line) {
-            Ok(Some(t)) => {
-                if first {
-                    first = false;
-                    on_first(&String::from_utf8_lossy(line));
+        match parse_line(line) {
+            Ok(Some((t, offset))) => {
+                // Once per log for NDJSON; for binary records whenever the run that wrote
+                // them changes (captures concatenated across reboots).
+                let offset = match offset {
+                    Some(o) => Some(o),
+                    None if clock.is_none() => {
+                        Some(wall_offset(&String::from_utf8_lossy(line)).unwrap_or(0))
+                    }
+                    None => None,
+                };
+                if let Some(o) = offset
+                    && clock != Some(o)
+                {
+                    clock = Some(o);
+                    pipeline.set_clock(WallClock::new(o));
                 }
                 // The log's clock drives the timers, one tick per second of log time.
                 let tick_at = *next_tick.get_or_insert(t.ts_ns + TICK_NS);
@@ -186,17 +214,17 @@ pub fn replay(
                 pipeline.feed(&t).context("writing output")?;
             }
             Ok(None) => {}
-            Err(e) => {
+            Err(reason) => {
                 if skip_bad {
                     f.bad_lines += 1;
                     if f.bad_lines <= 5 {
-                        log::warn!("line {}: {e} (skipped)", f.lines);
+                        log::warn!("line {}: {reason} (skipped)", f.lines);
                     }
                     continue;
                 }
                 stopped = Some(BadLine {
                     line: f.lines,
-                    reason: e.to_string(),
+                    reason,
                 });
                 break;
             }
@@ -226,10 +254,13 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
     let printer = Rc::new(RefCell::new(Terminal::for_replay(stdout, args.view)));
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Rc::clone(&printer))];
     if let Some(p) = &args.output {
-        sinks.push(Box::new(Ndjson::new(
-            crate::output::OutputFile::create(p)?,
-            WallClock::identity(),
-        )));
+        let file = crate::output::OutputFile::create(p)?;
+        let clock = WallClock::identity();
+        sinks.push(match args.format {
+            FileFormat::Ndjson => Box::new(Ndjson::new(file, clock)),
+            FileFormat::Csv => Box::new(crate::sink::csv::Csv::new(file, clock)),
+            FileFormat::Binary => Box::new(binary::Binary::new(file, clock)),
+        });
     }
     let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
     let collected = Rc::new(RefCell::new(Findings::default()));
@@ -252,11 +283,7 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
             }
         });
     }
-    let (mut findings, stopped) = replay(input, &mut pipeline, args.skip_bad, |line| {
-        if let Some(off) = wall_offset(line) {
-            printer.borrow_mut().set_clock(WallClock::new(off));
-        }
-    })?;
+    let (mut findings, stopped) = replay(input, &mut pipeline, args.skip_bad)?;
     let seen = collected.take();
     findings.handshakes_ns = seen.handshakes_ns;
     findings.handshakes_ns.sort_unstable();

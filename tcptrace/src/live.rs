@@ -55,6 +55,14 @@ pub struct LiveOptions {
 pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     let stdout_taken = args.output.as_deref() == Some(std::path::Path::new("-"));
+    if stdout_taken
+        && args.format == FileFormat::Binary
+        && io::IsTerminal::is_terminal(&io::stdout())
+    {
+        anyhow::bail!(
+            "--format binary writes binary records, not text: send --output - to a file or a pipe (e.g. | tcptrace analyze -)"
+        );
+    }
     if !stdout_taken && args.view != View::None {
         let out = io::BufWriter::with_capacity(1 << 16, io::stdout());
         sinks.push(Box::new(Terminal::new(out, args.view, clock)));
@@ -84,6 +92,7 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
         match args.format {
             FileFormat::Ndjson => sinks.push(Box::new(Ndjson::new(w, clock))),
             FileFormat::Csv => sinks.push(Box::new(crate::sink::csv::Csv::new(w, clock))),
+            FileFormat::Binary => sinks.push(Box::new(crate::sink::binary::Binary::new(w, clock))),
         }
     }
     Ok(sinks)

@@ -126,6 +126,13 @@ impl Pipeline {
         result
     }
 
+    /// The wall clock every sink shows times by (a replay learns it from its log).
+    pub fn set_clock(&mut self, clock: crate::sink::time::WallClock) {
+        for s in &mut self.sinks {
+            s.set_clock(clock);
+        }
+    }
+
     pub fn summary(&mut self, s: &RunSummary) -> io::Result<()> {
         for sink in &mut self.sinks {
             sink.summary(s)?;

@@ -430,6 +430,79 @@ fn analyze_reports_a_malformed_line_by_number_and_keeps_what_it_computed() {
 }
 
 #[test]
+fn analyze_converts_a_log_to_a_binary_capture_and_back_with_the_log_s_times() {
+    let d = tmpdir("convert");
+    let log = d.join("log.ndjson");
+    let first = r#"{"type":"transition","schema":1,"ts_ns":1000,"time":"2026-01-01T00:00:00.000001Z","conn_id":4096,"skaddr":"0x1","family":"ipv4","laddr":"127.0.0.1","lport":5555,"raddr":"127.0.0.1","rport":80,"old":"CLOSE","new":"SYN_SENT","owner_pid":7,"owner_tid":7,"owner_comm":"curl","owner_source":"kernel","task_pid":7,"task_tid":7,"task_comm":"curl","starts_conn":true,"midlife":false,"cpu":0}"#;
+    let second = first
+        .replace("\"ts_ns\":1000", "\"ts_ns\":2000")
+        .replace(
+            "\"old\":\"CLOSE\",\"new\":\"SYN_SENT\"",
+            "\"old\":\"SYN_SENT\",\"new\":\"ESTABLISHED\"",
+        )
+        .replace("\"starts_conn\":true", "\"starts_conn\":false");
+    std::fs::write(&log, format!("{first}\n{second}\n")).unwrap();
+    let capture = d.join("capture.bin");
+    let (log_s, cap_s) = (log.to_str().unwrap(), capture.to_str().unwrap());
+    let o = run(&[
+        "analyze", log_s, "--view", "none", "-o", cap_s, "--format", "binary",
+    ]);
+    assert!(
+        o.status.success(),
+        "{}",
+        show("analyze -o --format binary", &o)
+    );
+    let bytes = std::fs::read(&capture).unwrap();
+    // Two records and the summary line.
+    assert_eq!(bytes.iter().filter(|&&b| b == b'\n').count(), 3);
+    assert_eq!(bytes[0], tcptrace::sink::binary::TAG);
+
+    // Back to NDJSON: the same transitions, dated by the original log's clock.
+    let back = d.join("back.ndjson");
+    let o = run(&[
+        "analyze",
+        cap_s,
+        "--view",
+        "none",
+        "-o",
+        back.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", show("analyze of the capture", &o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("3 lines, 2 transitions, 0 bad lines"),
+        "{}",
+        show("analyze of the capture", &o)
+    );
+    let lines = ndjson_lines(&back);
+    let transitions: Vec<_> = lines.iter().filter(|v| v["type"] == "transition").collect();
+    assert_eq!(transitions.len(), 2);
+    assert_eq!(transitions[0]["time"], "2026-01-01T00:00:00.000001000Z");
+    assert_eq!(transitions[1]["time"], "2026-01-01T00:00:00.000002000Z");
+    assert_eq!(transitions[1]["new"], "ESTABLISHED");
+    assert_eq!(transitions[1]["owner_comm"], "curl");
+
+    // A damaged record is a bad line like any other: reported by number, the rest kept.
+    let mut damaged = bytes.clone();
+    let second_record = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    damaged.insert(second_record + 5, 0);
+    std::fs::write(&capture, &damaged).unwrap();
+    let o = run(&["analyze", cap_s, "--view", "none"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        show("analyze of a damaged capture", &o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("malformed log at line 2: binary record of the wrong length"),
+        "{}",
+        show("analyze of a damaged capture", &o)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2 lines, 1 transitions"));
+}
+
+#[test]
 fn sigterm_flushes_everything_and_analyze_reads_it_back() {
     let Some(_g) = kernel_guard() else { return };
     let d = tmpdir("sigterm");
@@ -611,6 +684,85 @@ fn a_closed_pipe_ends_tracing_quietly() {
     assert!(
         !err.contains("error") && !err.contains("panicked"),
         "quiet exit:\n{err}"
+    );
+}
+
+#[test]
+fn a_binary_capture_rotates_and_analyze_reads_every_transition_back() {
+    let Some(_g) = kernel_guard() else { return };
+    let d = tmpdir("binary");
+    let out = d.join("trace.bin");
+    let child = start(
+        &[
+            "--view",
+            "none",
+            "--format",
+            "binary",
+            "--rotate-size",
+            "16K",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        Stdio::null(),
+    );
+    let port = churn(50);
+    std::thread::sleep(Duration::from_millis(300));
+    stop(child);
+    // 502 records of ~160 bytes: rotated at least four times, each file whole records.
+    let rotated = d.join("trace.bin.1");
+    assert!(rotated.exists(), "rotated at 16 KiB");
+    let mut files: Vec<PathBuf> = (1..=5)
+        .rev()
+        .map(|n| d.join(format!("trace.bin.{n}")))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(files.len() >= 4, "{files:?}");
+    files.push(out.clone());
+    let mut all = Vec::new();
+    for f in &files {
+        let o = run(&["analyze", f.to_str().unwrap(), "--view", "none"]);
+        assert!(
+            o.status.success(),
+            "{}",
+            show(&format!("analyze {}", f.display()), &o)
+        );
+        all.extend(std::fs::read(f).unwrap());
+    }
+    let joined = d.join("joined.bin");
+    std::fs::write(&joined, &all).unwrap();
+    let back = d.join("back.ndjson");
+    let o = run(&[
+        "analyze",
+        joined.to_str().unwrap(),
+        "--view",
+        "none",
+        "-o",
+        back.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", show("analyze joined capture", &o));
+    let lines = ndjson_lines(&back);
+    assert_eq!(
+        transitions_on(&lines, port),
+        50 * 10 + 2,
+        "no transition lost"
+    );
+    // Dated by the live run's clock, not from the epoch.
+    let year = lines.iter().find(|v| v["type"] == "transition").unwrap()["time"]
+        .as_str()
+        .unwrap()[..4]
+        .to_owned();
+    assert!(year.as_str() >= "2025", "{year}");
+    // The live run's summary is in the capture, as JSON.
+    let summary = String::from_utf8_lossy(&std::fs::read(&out).unwrap())
+        .lines()
+        .filter(|l| l.starts_with("{\"type\":\"summary\""))
+        .count();
+    assert_eq!(summary, 1, "the capture ends with the run's summary line");
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["type"] == "lifecycle" && v["close_kind"] == "passive_close"),
+        "lifecycles are recomputed from the capture"
     );
 }
 

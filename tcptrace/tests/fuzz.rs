@@ -1,9 +1,11 @@
-//! Property tests (proptest): the two parsers of untrusted bytes, the ring-buffer decoder
-//! and the NDJSON log parser, never panic, and round-trip what they should.
+//! Property tests (proptest): the parsers of untrusted bytes, the ring-buffer decoder, the
+//! NDJSON log parser and the binary capture's record decoder, never panic, and round-trip
+//! what they should.
 
 use proptest::prelude::*;
 use tcptrace::decode::{decode, encode};
 use tcptrace::engine::{Engine, EngineConfig, Role, TransitionRecord};
+use tcptrace::sink::binary;
 use tcptrace::sink::ndjson::{encode_transition, parse_transition, parse_transition_json};
 use tcptrace::sink::time::WallClock;
 use tcptrace_common::{AF_INET, AF_INET6, Owner, StateEvent};
@@ -103,6 +105,32 @@ proptest! {
         prop_assert_eq!(back.conn_id, t.conn_id);
         prop_assert_eq!(back.local, t.local);
         prop_assert_eq!((back.old, back.new), (t.old, t.new));
+    }
+
+    #[test]
+    fn binary_records_round_trip_and_mangled_ones_never_panic(
+        mut ev in state_event(),
+        offset in any::<i64>(),
+        cut in 0usize..400,
+        junk in proptest::collection::vec(any::<u8>(), 0..8),
+        garbage in proptest::collection::vec(any::<u8>(), 0..400),
+    ) {
+        ev.oldstate = 1 + ev.oldstate % 13;
+        ev.newstate = 1 + ev.newstate % 13;
+        ev.family = if ev.family % 2 == 0 { AF_INET } else { AF_INET6 };
+        let t = decode(&encode(&ev)).expect("a valid event");
+        let mut buf = [0u8; binary::MAX_LINE];
+        let n = binary::encode(&t, offset, &mut buf);
+        let line = &buf[..n - 1];
+        prop_assert!(!line.contains(&b'\n'));
+        prop_assert_eq!(binary::decode(line), Ok((t, offset)));
+        // Bytes inserted anywhere (as a reader split at newlines would see them), or any
+        // bytes at all behind the tag: an error or a record, never a panic.
+        let cut = cut.min(line.len());
+        let mangled: Vec<u8> = [&line[..cut], &junk[..], &line[cut..]].concat();
+        let mangled: Vec<u8> = mangled.split(|&b| b == b'\n').next().unwrap_or_default().to_vec();
+        let _ = binary::decode(&mangled);
+        let _ = binary::decode(&[&[binary::TAG][..], &garbage[..]].concat());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tcptrace::kernel::{Tracer, monotonic_ns};
 use tcptrace::leaky::{LEAKY_COMM, LeakyServer, polite_client};
 use tcptrace::pipeline::Pipeline;
 use tcptrace::rules::{Alert, AlertStatus, RulesConfig};
+use tcptrace::sink::binary::Binary;
 use tcptrace::sink::ndjson::Ndjson;
 use tcptrace::sink::time::WallClock;
 
@@ -238,9 +239,15 @@ fn analyze_of_a_recorded_log_reproduces_the_live_lifecycles() {
     let dir = std::env::temp_dir().join(format!("tcptrace-replay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("live.ndjson");
+    let capture = dir.join("live.bin");
     runtime().block_on(async {
+        // The same run recorded in both formats.
         let file = std::io::BufWriter::new(std::fs::File::create(&log).unwrap());
-        let (mut p, seen) = pipeline_with(EngineConfig::default(), vec![Box::new(Ndjson::new(file, WallClock::identity()))]);
+        let bin = std::io::BufWriter::new(std::fs::File::create(&capture).unwrap());
+        let (mut p, seen) = pipeline_with(
+            EngineConfig::default(),
+            vec![Box::new(Ndjson::new(file, WallClock::identity())), Box::new(Binary::new(bin, WallClock::identity()))],
+        );
         let mut tracer = start_tracer();
         let ports = connections();
         pump_until(&mut tracer, &mut p, &seen, Duration::from_secs(5), |s| {
@@ -253,16 +260,22 @@ fn analyze_of_a_recorded_log_reproduces_the_live_lifecycles() {
         let live: Vec<LifecycleRecord> = lifecycles(&seen.borrow());
         assert!(live.len() >= 12, "2 families × (2 clients + 2 servers + listener + refused): {}", live.len());
 
-        let (mut replay_p, replayed) = pipeline_with(EngineConfig::default(), Vec::new());
-        let (findings, bad) = tcptrace::analyze::replay(std::fs::File::open(&log).unwrap(), &mut replay_p, false, |_| {})
-            .expect("replay runs");
-        assert!(bad.is_none(), "the recorded log is well-formed: {bad:?}");
-        assert!(findings.lines > 0);
-        let replayed = lifecycles(&replayed.borrow());
         let ours = |v: &[LifecycleRecord]| -> Vec<LifecycleRecord> {
             v.iter().filter(|l| ports.contains(&l.local.port()) || ports.contains(&l.remote.port())).cloned().collect()
         };
-        assert_eq!(ours(&replayed), ours(&live), "replay gives the same lifecycles as live mode");
+        let transitions = |seen: &[Output]| seen.iter().filter(|o| matches!(o, Output::Transition(_))).count();
+        for recorded in [&log, &capture] {
+            let (mut replay_p, replayed) = pipeline_with(EngineConfig::default(), Vec::new());
+            let (findings, bad) = tcptrace::analyze::replay(std::fs::File::open(recorded).unwrap(), &mut replay_p, false)
+                .expect("replay runs");
+            assert!(bad.is_none(), "the recorded log is well-formed: {bad:?}");
+            assert!(findings.lines > 0);
+            assert_eq!(transitions(&replayed.borrow()), transitions(&seen.borrow()), "{}: every transition replayed", recorded.display());
+            let replayed = lifecycles(&replayed.borrow());
+            assert_eq!(ours(&replayed), ours(&live), "{}: replay gives the same lifecycles as live mode", recorded.display());
+        }
+        let (ndjson_len, bin_len) = (std::fs::metadata(&log).unwrap().len(), std::fs::metadata(&capture).unwrap().len());
+        assert!(bin_len * 3 < ndjson_len, "the capture is a fraction of the NDJSON log: {bin_len} vs {ndjson_len} bytes");
         let kinds: Vec<_> = ours(&live).iter().map(|l| l.close_kind).collect();
         for k in [CloseKind::ActiveClose, CloseKind::PassiveClose, CloseKind::ListenerClosed] {
             assert!(kinds.contains(&Some(k)), "{k:?} in {kinds:?}");

@@ -178,6 +178,10 @@ impl<W: Write> Sink for Csv<W> {
             .map_err(io_err)
     }
 
+    fn set_clock(&mut self, clock: WallClock) {
+        self.clock = clock;
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }

@@ -1,6 +1,7 @@
 //! Where records go. Every output (the terminal, NDJSON and CSV files, metrics) is a
 //! [`Sink`]: they are siblings fed the same engine outputs, and none of them feeds back.
 
+pub mod binary;
 pub mod csv;
 pub mod metrics;
 pub mod ndjson;
@@ -57,6 +58,8 @@ pub trait Sink {
     fn record(&mut self, out: &Output) -> io::Result<()>;
     /// The end-of-run summary.
     fn summary(&mut self, s: &RunSummary) -> io::Result<()>;
+    /// The wall clock to show times by, once known: a replay learns it from its log.
+    fn set_clock(&mut self, _clock: time::WallClock) {}
     /// Pushes buffered output out (called at least every 250 ms while tracing).
     fn flush(&mut self) -> io::Result<()>;
 }
@@ -70,6 +73,10 @@ impl<S: Sink> Sink for std::rc::Rc<std::cell::RefCell<S>> {
 
     fn summary(&mut self, s: &RunSummary) -> io::Result<()> {
         self.borrow_mut().summary(s)
+    }
+
+    fn set_clock(&mut self, clock: time::WallClock) {
+        self.borrow_mut().set_clock(clock)
     }
 
     fn flush(&mut self) -> io::Result<()> {

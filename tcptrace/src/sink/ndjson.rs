@@ -313,6 +313,34 @@ pub fn encode_transition_into(
     c.put(b"}\n");
 }
 
+/// The summary line (also what a binary capture records its summary as).
+pub fn write_summary(out: &mut impl Write, s: &RunSummary) -> io::Result<()> {
+    #[derive(Serialize)]
+    struct SummaryLine<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        schema: u32,
+        #[serde(flatten)]
+        s: &'a RunSummary,
+        /// Flattened for the tools that grep for them.
+        ringbuf_full: u64,
+        recursion_misses: u64,
+        read_errors: u64,
+    }
+    serde_json::to_writer(
+        &mut *out,
+        &SummaryLine {
+            kind: "summary",
+            schema: SCHEMA_VERSION,
+            s,
+            ringbuf_full: s.loss.ringbuf_full,
+            recursion_misses: s.loss.recursion_misses,
+            read_errors: s.loss.read_errors,
+        },
+    )?;
+    out.write_all(b"\n")
+}
+
 /// A serde record with the `type`/`schema` envelope and `time` for humans and shippers.
 #[derive(Serialize)]
 struct Envelope<'a, T: Serialize> {
@@ -371,30 +399,13 @@ impl<W: Write> Sink for Ndjson<W> {
     }
 
     fn summary(&mut self, s: &RunSummary) -> io::Result<()> {
-        #[derive(Serialize)]
-        struct SummaryLine<'a> {
-            #[serde(rename = "type")]
-            kind: &'static str,
-            schema: u32,
-            #[serde(flatten)]
-            s: &'a RunSummary,
-            /// Flattened for the tools that grep for them.
-            ringbuf_full: u64,
-            recursion_misses: u64,
-            read_errors: u64,
-        }
-        serde_json::to_writer(
-            &mut self.out,
-            &SummaryLine {
-                kind: "summary",
-                schema: SCHEMA_VERSION,
-                s,
-                ringbuf_full: s.loss.ringbuf_full,
-                recursion_misses: s.loss.recursion_misses,
-                read_errors: s.loss.read_errors,
-            },
-        )?;
-        self.out.write_all(b"\n")
+        write_summary(&mut self.out, s)
+    }
+
+    fn set_clock(&mut self, clock: WallClock) {
+        self.clock = clock;
+        // Times already cached were rendered with the old clock.
+        self.times = Rfc3339Cache::default();
     }
 
     fn flush(&mut self) -> io::Result<()> {

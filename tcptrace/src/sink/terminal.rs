@@ -45,11 +45,6 @@ impl<W: Write> Terminal<W> {
         }
     }
 
-    /// The clock, once known (a replay learns it from the log's first line).
-    pub fn set_clock(&mut self, clock: WallClock) {
-        self.clock = clock;
-    }
-
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.out
     }
@@ -238,6 +233,10 @@ impl<W: Write> Sink for Terminal<W> {
             _ => return Ok(()),
         };
         writeln!(self.out, "{line}")
+    }
+
+    fn set_clock(&mut self, clock: WallClock) {
+        self.clock = clock;
     }
 
     fn summary(&mut self, s: &RunSummary) -> io::Result<()> {
