@@ -63,6 +63,9 @@ pub struct BenchArgs {
     /// Leave out the tcptrace run whose in-kernel filter drops every event.
     #[arg(long)]
     skip_filtered: bool,
+    /// Leave out the tcptrace run that writes `--format binary` instead of NDJSON.
+    #[arg(long)]
+    skip_binary: bool,
     /// Instead of the rounds: one tcptrace daemon under the load for this long (e.g. 5m,
     /// 300s), its RSS sampled every few seconds; reports first/last/max RSS and the loss.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -104,13 +107,17 @@ pub enum Tracer {
     /// tcptrace with `--port 1`: every event is dropped in the kernel, after the program
     /// has read it; what remains is the cost of a filtered-out event.
     TcptraceFiltered,
+    /// tcptrace writing `--format binary` instead of NDJSON: the same pipeline, the
+    /// output's encoding and size out of the way.
+    TcptraceBinary,
     Bcc,
 }
 
 impl Tracer {
-    pub const ALL: [Tracer; 4] = [
+    pub const ALL: [Tracer; 5] = [
         Tracer::Untraced,
         Tracer::Tcptrace,
+        Tracer::TcptraceBinary,
         Tracer::TcptraceFiltered,
         Tracer::Bcc,
     ];
@@ -120,13 +127,17 @@ impl Tracer {
             Tracer::Untraced => "untraced",
             Tracer::Tcptrace => "tcptrace",
             Tracer::TcptraceFiltered => "tcptrace filtered",
+            Tracer::TcptraceBinary => "tcptrace binary",
             Tracer::Bcc => "bcc tcpstates",
         }
     }
 
     /// Whether the tracer is meant to report the load's events (a filtered one is not).
     pub fn reports_events(self) -> bool {
-        matches!(self, Tracer::Tcptrace | Tracer::Bcc)
+        matches!(
+            self,
+            Tracer::Tcptrace | Tracer::TcptraceBinary | Tracer::Bcc
+        )
     }
 }
 
@@ -263,8 +274,13 @@ pub fn run(mut args: BenchArgs, workspace: &Path) -> Result<()> {
     }
 
     let skip_bcc = args.skip_bcc || args.soak.is_some();
-    let mut contenders =
-        Contenders::prepare(workspace, args.no_build, skip_bcc, args.skip_filtered);
+    let mut contenders = Contenders::prepare(
+        workspace,
+        args.no_build,
+        skip_bcc,
+        args.skip_filtered,
+        args.skip_binary,
+    );
     let ports = load::pick_ports(args.ports)?;
     let load_cfg = LoadConfig {
         ports: ports.clone(),
@@ -482,12 +498,15 @@ fn extra_figures(
 ) -> Vec<extra::Figure> {
     let runs = if args.quick { 1 } else { 3 };
     eprintln!("bench: replay throughput");
-    let replay =
+    let mut figures =
         extra::replay_throughput(tcptrace, replay_log.map(|(p, n)| (p.as_path(), *n)), runs);
     eprintln!(
         "bench: engine memory at {} open connections",
         args.memory_connections
     );
-    let memory = extra::engine_memory_per_connection(tcptrace, args.memory_connections);
-    vec![replay, memory]
+    figures.push(extra::engine_memory_per_connection(
+        tcptrace,
+        args.memory_connections,
+    ));
+    figures
 }

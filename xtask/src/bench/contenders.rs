@@ -20,6 +20,8 @@ pub struct Contenders {
     pub tcptrace: Option<PathBuf>,
     /// Whether the filtered tcptrace run is in (tcptrace has the filter flag, not skipped).
     pub filtered: bool,
+    /// Whether the `--format binary` tcptrace run is in.
+    pub binary: bool,
     pub bcc: Option<Bcc>,
     pub unavailable: Vec<(Tracer, String)>,
 }
@@ -30,6 +32,7 @@ impl Contenders {
         no_build: bool,
         skip_bcc: bool,
         skip_filtered: bool,
+        skip_binary: bool,
     ) -> Contenders {
         let mut unavailable = Vec::new();
         // SAFETY: geteuid has no preconditions.
@@ -71,9 +74,25 @@ impl Contenders {
             }
             None => false,
         };
+        let binary = match &tcptrace {
+            _ if skip_binary => {
+                unavailable.push((Tracer::TcptraceBinary, "skipped (--skip-binary)".to_owned()));
+                false
+            }
+            Some(bin) if has_flag(bin, "binary") => true,
+            Some(_) => {
+                unavailable.push((
+                    Tracer::TcptraceBinary,
+                    "tcptrace has no --format binary".to_owned(),
+                ));
+                false
+            }
+            None => false,
+        };
         Contenders {
             tcptrace,
             filtered,
+            binary,
             bcc,
             unavailable,
         }
@@ -83,6 +102,7 @@ impl Contenders {
     pub fn available(&self) -> Vec<Tracer> {
         let mut all = vec![Tracer::Untraced];
         all.extend(self.tcptrace.as_ref().map(|_| Tracer::Tcptrace));
+        all.extend(self.binary.then_some(Tracer::TcptraceBinary));
         all.extend(self.filtered.then_some(Tracer::TcptraceFiltered));
         all.extend(self.bcc.as_ref().map(|_| Tracer::Bcc));
         all
@@ -126,6 +146,44 @@ pub fn run_one(
                 foreign_bpf,
             };
             Ok((run, None))
+        }
+        Tracer::TcptraceBinary => {
+            let bin = contenders
+                .tcptrace
+                .as_deref()
+                .expect("tcptrace is prepared");
+            let log = ctx.raw.join(format!("tcptrace-binary-round{round}.bin"));
+            let mut spec = tcptrace_spec(bin, &log, ctx.raw, round, ctx.load.duration);
+            spec.command.args(["--format", "binary"]);
+            spec.stdout = ctx.raw.join(format!("tcptrace-binary-round{round}.out"));
+            spec.stderr = ctx.raw.join(format!("tcptrace-binary-round{round}.err"));
+            spec.name = "tcptrace binary";
+            spec.nice = ctx.tracer_nice;
+            // Counted as the NDJSON run is, on the capture converted by `tcptrace analyze`
+            // (after the run, so outside everything measured).
+            let converted = log.with_extension("ndjson");
+            let run = traced(ctx, round, tracer, spec, || {
+                let status = Command::new(bin)
+                    .arg("analyze")
+                    .arg(&log)
+                    .args(["--view", "none", "--output"])
+                    .arg(&converted)
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .context("running tcptrace analyze on the capture")?;
+                anyhow::ensure!(
+                    status.success(),
+                    "tcptrace analyze of the capture failed ({status})"
+                );
+                let mut seen = count::tcptrace_ndjson(&converted, ports)?;
+                // The loss the live run counted is in the capture's summary line (the
+                // conversion writes a summary of its own replay).
+                seen.set_summary(count::capture_summary(&log)?);
+                Ok(seen)
+            });
+            std::fs::remove_file(&log).ok();
+            std::fs::remove_file(&converted).ok();
+            Ok((run?, None))
         }
         Tracer::Tcptrace | Tracer::TcptraceFiltered => {
             let bin = contenders

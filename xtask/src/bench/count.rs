@@ -43,6 +43,12 @@ impl PortSet {
 }
 
 impl Seen {
+    /// tcptrace's summary line, and the loss it reports.
+    pub fn set_summary(&mut self, v: Option<Value>) {
+        self.tool_reported_lost = v.as_ref().and_then(|v| v.get("lost")?.as_u64());
+        self.summary = v;
+    }
+
     fn add(&mut self, ours: bool, old: &str, new: &str) {
         if !ours {
             self.other_transitions += 1;
@@ -100,8 +106,7 @@ pub fn tcptrace_ndjson(path: &Path, ports: &[u16]) -> Result<Seen> {
             if let Ok(v) = serde_json::from_str::<Value>(text)
                 && v.get("type").and_then(Value::as_str) == Some("summary")
             {
-                seen.tool_reported_lost = v.get("lost").and_then(Value::as_u64);
-                seen.summary = Some(v);
+                seen.set_summary(Some(v));
             }
         } else if text.contains("transition") {
             parsed_transition(text, &set, &mut seen);
@@ -180,6 +185,22 @@ pub fn bcc_tcpstates(stdout: &Path, stderr: &Path, ports: &[u16]) -> Result<Seen
     }
     seen.tool_reported_lost = Some(lost);
     Ok(seen)
+}
+
+/// The summary line of a `--format binary` capture (a JSON line among the binary records).
+pub fn capture_summary(path: &Path) -> Result<Option<Value>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut summary = None;
+    for line in BufReader::with_capacity(1 << 20, file).split(b'\n') {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.first() == Some(&b'{')
+            && let Ok(v) = serde_json::from_slice::<Value>(&line)
+            && v.get("type").and_then(Value::as_str) == Some("summary")
+        {
+            summary = Some(v);
+        }
+    }
+    Ok(summary)
 }
 
 #[cfg(test)]

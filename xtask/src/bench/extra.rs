@@ -32,54 +32,122 @@ impl Figure {
 }
 
 /// `tcptrace analyze` of a log recorded by a traced round, single-threaded: transitions in the
-/// file per second of wall time (median of `runs`), and the replay's peak RSS.
-pub fn replay_throughput(bin: Option<&Path>, log: Option<(&Path, u64)>, runs: usize) -> Figure {
+/// file per second of wall time (median of `runs`), and the replay's peak RSS. The same log
+/// converted to a binary capture (`analyze -o X --format binary`, not timed) is replayed
+/// in the same runs, interleaved, for the two formats side by side.
+pub fn replay_throughput(
+    bin: Option<&Path>,
+    log: Option<(&Path, u64)>,
+    runs: usize,
+) -> Vec<Figure> {
     const NAME: &str = "replay throughput";
+    const BIN_NAME: &str = "replay throughput, binary capture";
     let Some(bin) = bin else {
-        return Figure::unavailable(NAME, "tcptrace is not available");
+        return vec![Figure::unavailable(NAME, "tcptrace is not available")];
     };
     let Some((log, transitions)) = log else {
-        return Figure::unavailable(NAME, "no recorded log (no successful tcptrace round)");
+        return vec![Figure::unavailable(
+            NAME,
+            "no recorded log (no successful tcptrace round)",
+        )];
     };
     // A binary without the subcommand, or an empty stub, must not produce a number.
     let help = Command::new(bin).args(["analyze", "--help"]).output();
     match help {
         Ok(o) if o.status.success() && !o.stdout.is_empty() => {}
-        _ => return Figure::unavailable(NAME, "not available yet: `tcptrace analyze` is missing"),
-    }
-    let mut walls = Vec::new();
-    let mut peak_rss_kib = 0;
-    for _ in 0..runs.max(1) {
-        let mut cmd = Command::new(bin);
-        cmd.arg("analyze").arg(log).args(["--view", "none"]);
-        match run_measured(&mut cmd) {
-            Ok((wall, rss)) => {
-                walls.push(wall);
-                peak_rss_kib = peak_rss_kib.max(rss);
-            }
-            Err(why) => return Figure::unavailable(NAME, format!("not available yet: {why}")),
+        _ => {
+            return vec![Figure::unavailable(
+                NAME,
+                "not available yet: `tcptrace analyze` is missing",
+            )];
         }
     }
-    walls.sort();
-    let wall = walls[walls.len() / 2];
-    let rate = transitions as f64 / wall.as_secs_f64();
-    Figure {
-        name: NAME,
-        value: Ok((rate, "transitions/s")),
-        detail: format!(
-            "`tcptrace analyze <log> --view none` on {transitions} transitions: {:.2} s (median of {}), peak RSS {} MiB",
-            wall.as_secs_f64(),
-            walls.len(),
-            peak_rss_kib / 1024
+    let capture = log.with_extension("bin");
+    let converted = Command::new(bin)
+        .arg("analyze")
+        .arg(log)
+        .args(["--view", "none", "--format", "binary", "--output"])
+        .arg(&capture)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let mut inputs = vec![(NAME, log.to_path_buf(), Ok(Vec::new()), 0)];
+    inputs.push(match converted {
+        Ok(s) if s.success() => (BIN_NAME, capture.clone(), Ok(Vec::new()), 0),
+        Ok(s) => (
+            BIN_NAME,
+            capture.clone(),
+            Err(format!("converting the log failed ({s})")),
+            0,
         ),
-        json: json!({
-            "available": true,
-            "transitions_per_second": rate,
-            "transitions": transitions,
-            "wall_seconds": walls.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
-            "peak_rss_kib": peak_rss_kib,
-        }),
+        Err(e) => (
+            BIN_NAME,
+            capture.clone(),
+            Err(format!("converting the log failed: {e}")),
+            0,
+        ),
+    });
+    for _ in 0..runs.max(1) {
+        for (_, path, walls, peak_rss_kib) in &mut inputs {
+            let Ok(w) = walls else { continue };
+            let mut cmd = Command::new(bin);
+            cmd.arg("analyze").arg(&*path).args(["--view", "none"]);
+            match run_measured(&mut cmd) {
+                Ok((wall, rss)) => {
+                    w.push(wall);
+                    *peak_rss_kib = (*peak_rss_kib).max(rss);
+                }
+                Err(why) => *walls = Err(format!("not available yet: {why}")),
+            }
+        }
     }
+    std::fs::remove_file(&capture).ok();
+    let median = |walls: &mut Vec<Duration>| {
+        walls.sort();
+        walls[walls.len() / 2]
+    };
+    let ndjson_wall = match &mut inputs[0].2 {
+        Ok(w) => Some(median(w)),
+        Err(_) => None,
+    };
+    inputs
+        .into_iter()
+        .map(|(name, path, walls, peak_rss_kib)| {
+            let mut walls = match walls {
+                Ok(w) => w,
+                Err(why) => return Figure::unavailable(name, why),
+            };
+            let wall = median(&mut walls);
+            let rate = transitions as f64 / wall.as_secs_f64();
+            let size = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+            let vs = match ndjson_wall {
+                Some(n) if name == BIN_NAME => format!(
+                    "; {:.2}x the NDJSON replay's rate, same runs interleaved",
+                    n.as_secs_f64() / wall.as_secs_f64()
+                ),
+                _ => String::new(),
+            };
+            Figure {
+                name,
+                value: Ok((rate, "transitions/s")),
+                detail: format!(
+                    "`tcptrace analyze {} --view none` on {transitions} transitions: {:.2} s (median of {}), peak RSS {} MiB{vs}",
+                    path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+                    wall.as_secs_f64(),
+                    walls.len(),
+                    peak_rss_kib / 1024
+                ),
+                json: json!({
+                    "available": true,
+                    "transitions_per_second": rate,
+                    "transitions": transitions,
+                    "ndjson_bytes": size,
+                    "wall_seconds": walls.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+                    "peak_rss_kib": peak_rss_kib,
+                }),
+            }
+        })
+        .collect()
 }
 
 /// Memory the lifecycle engine holds per tracked connection with `n` connections open:

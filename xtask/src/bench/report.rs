@@ -269,7 +269,7 @@ pub fn table(outcome: &Outcome) -> String {
     writeln!(w).ok();
     writeln!(
         w,
-        "{:<14} {:>9} {:>17}   {:>6} {:>13}   {:>11} {:>11} {:>18}   {:>6} {:>6} {:>9} {:>9}",
+        "{:<17} {:>9} {:>17}   {:>6} {:>13}   {:>11} {:>11} {:>18}   {:>6} {:>6} {:>9} {:>9}",
         "tracer",
         "conn/s",
         "(min-max)",
@@ -288,7 +288,7 @@ pub fn table(outcome: &Outcome) -> String {
         let (lo, hi) = range(&row.rates).unwrap_or_default();
         write!(
             w,
-            "{:<14} {:>9} {:>17}   ",
+            "{:<17} {:>9} {:>17}   ",
             row.tracer.label(),
             thousands(median(row.rates.clone()).unwrap_or(0.0)),
             format!("({}-{})", thousands(lo), thousands(hi)),
@@ -340,9 +340,9 @@ pub fn table(outcome: &Outcome) -> String {
     }
     for (tracer, why) in &outcome.unavailable {
         if outcome.runs.iter().any(|r| r.tracer == *tracer) {
-            writeln!(w, "{:<14} stopped early: {why}", tracer.label()).ok();
+            writeln!(w, "{:<17} stopped early: {why}", tracer.label()).ok();
         } else {
-            writeln!(w, "{:<14} not available: {why}", tracer.label()).ok();
+            writeln!(w, "{:<17} not available: {why}", tracer.label()).ok();
         }
     }
     writeln!(w).ok();
