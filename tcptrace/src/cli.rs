@@ -24,7 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Trace live (the default when no subcommand is given).
     Trace(TraceArgs),
-    /// Replay a recorded NDJSON log (a file, or - for stdin) through the lifecycle engine.
+    /// Replay a recorded log, NDJSON or a binary capture (a file, or - for stdin), through the
+    /// lifecycle engine.
     Analyze(AnalyzeArgs),
     /// Start a leaking server on loopback, drive a client at it, and show the alert.
     Demo(DemoArgs),
