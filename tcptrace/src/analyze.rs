@@ -188,13 +188,11 @@ pub fn replay(
             Ok(Some((t, offset))) => {
                 // Once per log for NDJSON; for binary records whenever the run that wrote
                 // them changes (captures concatenated across reboots).
-                let offset = match offset {
-                    Some(o) => Some(o),
-                    None if clock.is_none() => {
-                        Some(wall_offset(&String::from_utf8_lossy(line)).unwrap_or(0))
-                    }
-                    None => None,
-                };
+                let offset = offset.or_else(|| {
+                    clock
+                        .is_none()
+                        .then(|| wall_offset(&String::from_utf8_lossy(line)).unwrap_or(0))
+                });
                 if let Some(o) = offset
                     && clock != Some(o)
                 {

@@ -101,7 +101,8 @@ fn ip_bytes(ip: IpAddr) -> [u8; 16] {
 /// The record's bytes, unescaped.
 fn record(t: &Transition, wall_offset_ns: i64) -> [u8; RECORD] {
     let mut r = [0u8; RECORD];
-    r[0] = KINDS.iter().position(|k| *k == t.kind).unwrap_or(0) as u8;
+    // Discriminants are the indices in KINDS and OwnerVia::ALL (asserted in the tests).
+    r[0] = t.kind as u8;
     r[1] = t.old as u8;
     r[2] = t.new as u8;
     let m = &t.meta;
@@ -111,10 +112,7 @@ fn record(t: &Transition, wall_offset_ns: i64) -> [u8; RECORD] {
         | (if m.unaccepted { UNACCEPTED } else { 0 })
         | (if t.owner.is_some() { OWNER } else { 0 })
         | (if v6 { IPV6 } else { 0 });
-    r[4] = OwnerVia::ALL
-        .iter()
-        .position(|v| *v == m.owner_via)
-        .unwrap_or(0) as u8;
+    r[4] = m.owner_via as u8;
     put(&mut r, 5, t.ts_ns.to_le_bytes());
     put(&mut r, 13, t.conn_id.to_le_bytes());
     put(&mut r, 21, t.skaddr.to_le_bytes());
@@ -312,10 +310,6 @@ impl<W: Write> Binary<W> {
             line: [0; MAX_LINE],
         }
     }
-
-    pub fn into_inner(self) -> W {
-        self.out
-    }
 }
 
 fn clock_offset(clock: WallClock) -> i64 {
@@ -457,6 +451,21 @@ mod tests {
             assert_eq!(back.remote, "10.0.0.1:5000".parse().unwrap());
             assert_eq!(back.owner, None);
             assert!(back.midlife && back.meta.unaccepted && back.starts_conn);
+        }
+    }
+
+    #[test]
+    fn kind_and_owner_via_bytes_are_their_table_indices() {
+        // The encoder writes discriminants, the decoder indexes the tables: one order.
+        for (i, k) in KINDS.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k:?}");
+        }
+        for (i, v) in OwnerVia::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i, "{v:?}");
+            let mut t = sample();
+            t.meta.owner_via = *v;
+            let l = line(&t, 0);
+            assert_eq!(decode(&l[..l.len() - 1]).unwrap().0.meta.owner_via, *v);
         }
     }
 

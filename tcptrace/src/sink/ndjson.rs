@@ -403,9 +403,8 @@ impl<W: Write> Sink for Ndjson<W> {
     }
 
     fn set_clock(&mut self, clock: WallClock) {
+        // The time cache is keyed by the Unix second, so it stays valid under a new clock.
         self.clock = clock;
-        // Times already cached were rendered with the old clock.
-        self.times = Rfc3339Cache::default();
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -147,66 +147,30 @@ pub fn run_one(
             };
             Ok((run, None))
         }
-        Tracer::TcptraceBinary => {
+        Tracer::Tcptrace | Tracer::TcptraceFiltered | Tracer::TcptraceBinary => {
             let bin = contenders
                 .tcptrace
                 .as_deref()
                 .expect("tcptrace is prepared");
-            let log = ctx.raw.join(format!("tcptrace-binary-round{round}.bin"));
-            let mut spec = tcptrace_spec(bin, &log, ctx.raw, round, ctx.load.duration);
-            spec.command.args(["--format", "binary"]);
-            spec.stdout = ctx.raw.join(format!("tcptrace-binary-round{round}.out"));
-            spec.stderr = ctx.raw.join(format!("tcptrace-binary-round{round}.err"));
-            spec.name = "tcptrace binary";
-            spec.nice = ctx.tracer_nice;
-            // Counted as the NDJSON run is, on the capture converted by `tcptrace analyze`
-            // (after the run, so outside everything measured).
-            let converted = log.with_extension("ndjson");
-            let run = traced(ctx, round, tracer, spec, || {
-                let status = Command::new(bin)
-                    .arg("analyze")
-                    .arg(&log)
-                    .args(["--view", "none", "--output"])
-                    .arg(&converted)
-                    .stdout(std::process::Stdio::null())
-                    .status()
-                    .context("running tcptrace analyze on the capture")?;
-                anyhow::ensure!(
-                    status.success(),
-                    "tcptrace analyze of the capture failed ({status})"
-                );
-                let mut seen = count::tcptrace_ndjson(&converted, ports)?;
-                // The loss the live run counted is in the capture's summary line (the
-                // conversion writes a summary of its own replay).
-                seen.set_summary(count::capture_summary(&log)?);
-                Ok(seen)
-            });
-            std::fs::remove_file(&log).ok();
-            std::fs::remove_file(&converted).ok();
-            Ok((run?, None))
-        }
-        Tracer::Tcptrace | Tracer::TcptraceFiltered => {
-            let bin = contenders
-                .tcptrace
-                .as_deref()
-                .expect("tcptrace is prepared");
-            let filtered = tracer == Tracer::TcptraceFiltered;
-            let name = if filtered {
-                "tcptrace-filtered"
-            } else {
-                "tcptrace"
-            };
-            let log = ctx.raw.join(format!("{name}-round{round}.ndjson"));
-            let mut spec = tcptrace_spec(bin, &log, ctx.raw, round, ctx.load.duration);
-            spec.stdout = ctx.raw.join(format!("{name}-round{round}.out"));
-            spec.stderr = ctx.raw.join(format!("{name}-round{round}.err"));
-            if filtered {
+            let (slug, ext, args): (&str, &str, &[&str]) = match tracer {
                 // No bench port is 1: the program reads every event and drops it.
-                spec.command.args(["--port", "1"]);
-                spec.name = "tcptrace filtered";
-            }
+                Tracer::TcptraceFiltered => ("tcptrace-filtered", "ndjson", &["--port", "1"]),
+                Tracer::TcptraceBinary => ("tcptrace-binary", "bin", &["--format", "binary"]),
+                _ => ("tcptrace", "ndjson", &[]),
+            };
+            let log = ctx.raw.join(format!("{slug}-round{round}.{ext}"));
+            let mut spec = tcptrace_spec(bin, &log, ctx.raw, round, ctx.load.duration);
+            spec.command.args(args);
+            spec.stdout = ctx.raw.join(format!("{slug}-round{round}.out"));
+            spec.stderr = ctx.raw.join(format!("{slug}-round{round}.err"));
+            spec.name = tracer.label();
             spec.nice = ctx.tracer_nice;
-            let keep_log = keep_log.filter(|_| !filtered);
+            if tracer == Tracer::TcptraceBinary {
+                let run = traced(ctx, round, tracer, spec, || count_capture(bin, &log, ports));
+                std::fs::remove_file(&log).ok();
+                return Ok((run?, None));
+            }
+            let keep_log = keep_log.filter(|_| tracer == Tracer::Tcptrace);
             let run = traced(ctx, round, tracer, spec, || {
                 count::tcptrace_ndjson(&log, ports)
             });
@@ -239,6 +203,31 @@ pub fn run_one(
             Ok((run?, None))
         }
     }
+}
+
+/// Counts a `--format binary` capture as an NDJSON log is counted: on the capture converted
+/// by `tcptrace analyze` (after the run, so outside everything measured), with the loss
+/// the live run counted taken from the capture's summary line (the conversion writes a
+/// summary of its own replay).
+fn count_capture(bin: &Path, capture: &Path, ports: &[u16]) -> Result<Seen> {
+    let converted = capture.with_extension("ndjson");
+    let status = Command::new(bin)
+        .arg("analyze")
+        .arg(capture)
+        .args(["--view", "none", "--output"])
+        .arg(&converted)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running tcptrace analyze on the capture")?;
+    anyhow::ensure!(
+        status.success(),
+        "tcptrace analyze of the capture failed ({status})"
+    );
+    let counted = count::tcptrace_ndjson(&converted, ports);
+    std::fs::remove_file(&converted).ok();
+    let mut seen = counted?;
+    seen.set_summary(count::capture_summary(capture)?);
+    Ok(seen)
 }
 
 /// One traced run: start the tracer, run the load, let it drain, stop it, count what it saw.

@@ -4,7 +4,7 @@
 
 use std::io::{BufWriter, Read as _, Write as _};
 use std::os::fd::AsRawFd as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -71,83 +71,100 @@ pub fn replay_throughput(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
-    let mut inputs = vec![(NAME, log.to_path_buf(), Ok(Vec::new()), 0)];
-    inputs.push(match converted {
-        Ok(s) if s.success() => (BIN_NAME, capture.clone(), Ok(Vec::new()), 0),
-        Ok(s) => (
-            BIN_NAME,
-            capture.clone(),
-            Err(format!("converting the log failed ({s})")),
-            0,
-        ),
-        Err(e) => (
-            BIN_NAME,
-            capture.clone(),
-            Err(format!("converting the log failed: {e}")),
-            0,
-        ),
-    });
+    let capture_walls = match converted {
+        Ok(s) if s.success() => Ok(Vec::new()),
+        Ok(s) => Err(format!("converting the log failed ({s})")),
+        Err(e) => Err(format!("converting the log failed: {e}")),
+    };
+    let mut inputs = [
+        ReplayInput::new(NAME, log.to_path_buf(), Ok(Vec::new())),
+        ReplayInput::new(BIN_NAME, capture.clone(), capture_walls),
+    ];
     for _ in 0..runs.max(1) {
-        for (_, path, walls, peak_rss_kib) in &mut inputs {
-            let Ok(w) = walls else { continue };
+        for input in &mut inputs {
+            let Ok(walls) = &mut input.walls else {
+                continue;
+            };
             let mut cmd = Command::new(bin);
-            cmd.arg("analyze").arg(&*path).args(["--view", "none"]);
+            cmd.arg("analyze").arg(&input.path).args(["--view", "none"]);
             match run_measured(&mut cmd) {
                 Ok((wall, rss)) => {
-                    w.push(wall);
-                    *peak_rss_kib = (*peak_rss_kib).max(rss);
+                    walls.push(wall);
+                    input.peak_rss_kib = input.peak_rss_kib.max(rss);
                 }
-                Err(why) => *walls = Err(format!("not available yet: {why}")),
+                Err(why) => input.walls = Err(format!("not available yet: {why}")),
             }
         }
     }
     std::fs::remove_file(&capture).ok();
-    let median = |walls: &mut Vec<Duration>| {
-        walls.sort();
-        walls[walls.len() / 2]
-    };
-    let ndjson_wall = match &mut inputs[0].2 {
-        Ok(w) => Some(median(w)),
-        Err(_) => None,
-    };
+    let ndjson_wall = inputs[0].median();
     inputs
         .into_iter()
-        .map(|(name, path, walls, peak_rss_kib)| {
-            let mut walls = match walls {
-                Ok(w) => w,
-                Err(why) => return Figure::unavailable(name, why),
+        .map(|input| {
+            let Some(wall) = input.median() else {
+                let why = input.walls.err().unwrap_or_default();
+                return Figure::unavailable(input.name, why);
             };
-            let wall = median(&mut walls);
+            let walls = input.walls.unwrap_or_default();
             let rate = transitions as f64 / wall.as_secs_f64();
-            let size = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
             let vs = match ndjson_wall {
-                Some(n) if name == BIN_NAME => format!(
+                Some(n) if input.name == BIN_NAME => format!(
                     "; {:.2}x the NDJSON replay's rate, same runs interleaved",
                     n.as_secs_f64() / wall.as_secs_f64()
                 ),
                 _ => String::new(),
             };
             Figure {
-                name,
+                name: input.name,
                 value: Ok((rate, "transitions/s")),
                 detail: format!(
-                    "`tcptrace analyze {} --view none` on {transitions} transitions: {:.2} s (median of {}), peak RSS {} MiB{vs}",
-                    path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+                    "`tcptrace analyze {} --view none` on {transitions} transitions ({} MB): {:.2} s (median of {}), peak RSS {} MiB{vs}",
+                    input.path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+                    input.bytes / 1_000_000,
                     wall.as_secs_f64(),
                     walls.len(),
-                    peak_rss_kib / 1024
+                    input.peak_rss_kib / 1024
                 ),
                 json: json!({
                     "available": true,
                     "transitions_per_second": rate,
                     "transitions": transitions,
-                    "ndjson_bytes": size,
+                    "file_bytes": input.bytes,
                     "wall_seconds": walls.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
-                    "peak_rss_kib": peak_rss_kib,
+                    "peak_rss_kib": input.peak_rss_kib,
                 }),
             }
         })
         .collect()
+}
+
+/// One file `replay_throughput` times: its wall times so far, or why it cannot be timed.
+struct ReplayInput {
+    name: &'static str,
+    path: PathBuf,
+    /// Its size, read before the runs (the capture is removed after them).
+    bytes: u64,
+    walls: Result<Vec<Duration>, String>,
+    peak_rss_kib: u64,
+}
+
+impl ReplayInput {
+    fn new(name: &'static str, path: PathBuf, walls: Result<Vec<Duration>, String>) -> Self {
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        ReplayInput {
+            name,
+            path,
+            bytes,
+            walls,
+            peak_rss_kib: 0,
+        }
+    }
+
+    fn median(&self) -> Option<Duration> {
+        let mut walls = self.walls.as_ref().ok()?.clone();
+        walls.sort();
+        walls.get(walls.len() / 2).copied()
+    }
 }
 
 /// Memory the lifecycle engine holds per tracked connection with `n` connections open:
