@@ -25,7 +25,7 @@ pub use close_kind::{CloseEvidence, CloseKind, classify};
 pub use lifecycle::{EndReason, Family, LifecycleRecord, PathStep, Role};
 pub use state_machine::{in_owner_context, is_legal, starts_identity};
 pub use stats::{CloseKindCounts, EngineStats};
-pub use table::{FastMap, FastSet, IdHasher, IdMap};
+pub use table::{ConnIndex, FastMap, FastSet, IdHasher, IdMap};
 
 use crate::event::{EventKind, Task, TcpState, Transition};
 use crate::rules::{Alert, Rule, RuleEvent, RulesConfig, default_rules};
@@ -110,7 +110,7 @@ struct Books {
 pub struct Engine {
     cfg: EngineConfig,
     slab: Slab,
-    index: IdMap<u32>,
+    index: ConnIndex,
     books: Books,
     rules: Vec<Box<dyn Rule>>,
     alerts: Vec<Alert>,
@@ -130,7 +130,7 @@ impl Engine {
         Engine {
             cfg,
             slab: Slab::new(),
-            index: IdMap::default(),
+            index: ConnIndex::default(),
             books: Books {
                 spill: Spill::default(),
                 owners: Owners::new(),
