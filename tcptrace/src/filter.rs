@@ -196,6 +196,28 @@ impl FilterArgs {
     }
 }
 
+/// Whether a network namespace with this inode is in use now: a process is in it, or a
+/// bind mount under /run/netns (`ip netns add`) keeps it. One held only by an open file
+/// or one thread is not looked for (that would mean reading every task's files).
+pub fn netns_exists(inode: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let want = format!("net:[{inode}]");
+    let in_proc = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_link(e.path().join("ns/net"))
+                .is_ok_and(|l| l.as_os_str() == want.as_str())
+        });
+    in_proc
+        || std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == u64::from(inode)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +234,14 @@ mod tests {
                 .unwrap()
                 .contains("8.8.8.8".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn netns_exists_finds_our_own_and_not_an_unused_inode() {
+        let own = parse_netns("/proc/self/ns/net").unwrap();
+        assert!(netns_exists(own));
+        // Namespace inodes come from the proc inode allocator, above 0xF0000000.
+        assert!(!netns_exists(12345));
     }
 
     #[test]

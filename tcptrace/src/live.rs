@@ -114,6 +114,13 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
     };
     let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
     let filter = args.filter.to_kernel().map_err(anyhow::Error::msg)?;
+    if let Some(ns) = args.filter.netns
+        && !crate::filter::netns_exists(ns)
+    {
+        log::warn!(
+            "--netns {ns}: no process is in a network namespace with this inode and none is mounted under /run/netns; tracing it anyway, in case one appears"
+        );
+    }
     let ring_mb = args.kernel.ring_mb.next_power_of_two();
     if ring_mb != args.kernel.ring_mb {
         log::info!(
