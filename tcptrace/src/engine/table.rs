@@ -57,10 +57,11 @@ impl Hasher for ConnIdHasher {
     fn finish(&self) -> u64 {
         self.0
     }
+    /// Keys other than a u64 (none in the index) hash as [`IdHasher`] hashes them.
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
+        let mut h = IdHasher(self.0);
+        h.write(bytes);
+        self.0 = h.0;
     }
     fn write_u64(&mut self, v: u64) {
         let mut h = IdHasher(self.0);
