@@ -134,12 +134,13 @@ pub fn take() -> Result<Snapshot, SnapshotError> {
     if !denied.is_empty() {
         denied.sort_unstable();
         denied.dedup();
-        let sample: Vec<String> = denied.iter().take(8).map(u32::to_string).collect();
-        errors.push(format!(
-            "permission denied reading the fds or namespaces of {} processes (needs root with CAP_SYS_PTRACE), e.g. pids {}",
-            denied.len(),
-            sample.join(", ")
-        ));
+        let have_ptrace = caps::has_cap(
+            None,
+            caps::CapSet::Effective,
+            caps::Capability::CAP_SYS_PTRACE,
+        )
+        .unwrap_or(false);
+        errors.push(denied_message(&denied, have_ptrace));
     }
     Ok(Snapshot {
         sockets,
@@ -558,8 +559,37 @@ fn socket_link_inode(link: &[u8]) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
+/// Why some processes' owners are missing. Without CAP_SYS_PTRACE that is the fix; with
+/// it, the kernel's ptrace check refused anyway (a process of another user namespace, one
+/// a security module protects), and asking for the capability would mislead.
+fn denied_message(pids: &[u32], have_ptrace: bool) -> String {
+    let sample: Vec<String> = pids.iter().take(8).map(u32::to_string).collect();
+    let why = if have_ptrace {
+        "the kernel's ptrace check refused although tcptrace has CAP_SYS_PTRACE, as it does for a process of another user namespace or one a security module protects"
+    } else {
+        "needs root with CAP_SYS_PTRACE"
+    };
+    format!(
+        "permission denied reading the fds or namespaces of {} processes ({why}), e.g. pids {}",
+        pids.len(),
+        sample.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_denied_process_is_explained_by_what_tcptrace_lacks() {
+        let m = super::denied_message(&[1, 7], false);
+        assert_eq!(
+            m,
+            "permission denied reading the fds or namespaces of 2 processes (needs root with CAP_SYS_PTRACE), e.g. pids 1, 7"
+        );
+        let m = super::denied_message(&[1], true);
+        assert!(m.contains("although tcptrace has CAP_SYS_PTRACE"), "{m}");
+        assert!(!m.contains("needs root"), "{m}");
+    }
+
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream};
     use std::sync::mpsc;
