@@ -327,6 +327,19 @@ pub struct Transition {
     pub kind: EventKind,
 }
 
+/// An address as the kernel program's events (and binary records) carry it: IPv4 in the
+/// first 4 bytes, the rest zero; IPv6 whole. The inverse of [`ip_from_wire`].
+pub fn ip_to_wire(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
 /// An address read by family; an IPv4-mapped IPv6 address is shown as the IPv4 address.
 pub fn ip_from_wire(family_v6: bool, bytes: &[u8; 16]) -> IpAddr {
     if family_v6 {

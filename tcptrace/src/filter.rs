@@ -129,19 +129,9 @@ pub fn parse_cidr(s: &str) -> Result<CidrArg, String> {
 }
 
 fn cidr(c: CidrArg) -> Cidr {
-    let mut addr = [0u8; 16];
-    let family = match c.addr {
-        IpAddr::V4(a) => {
-            addr[..4].copy_from_slice(&a.octets());
-            AF_INET
-        }
-        IpAddr::V6(a) => {
-            addr = a.octets();
-            AF_INET6
-        }
-    };
+    let family = if c.addr.is_ipv4() { AF_INET } else { AF_INET6 };
     Cidr {
-        addr,
+        addr: crate::event::ip_to_wire(c.addr),
         family,
         prefix_len: c.prefix_len,
         _pad: [0; 5],

@@ -33,12 +33,14 @@
 //! | 141 | 12 | container id (12 lowercase hex digits, or zero) |
 
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use super::time::WallClock;
 use super::{RunSummary, Sink};
 use crate::engine::Output;
-use crate::event::{Comm, ConnMeta, EventKind, OwnerVia, Task, TcpState, Transition};
+use crate::event::{
+    Comm, ConnMeta, EventKind, OwnerVia, Task, TcpState, Transition, ip_from_wire, ip_to_wire,
+};
 
 /// The first byte of a format-1 record: never the first byte of a JSON text or of UTF-8.
 pub const TAG: u8 = 0xB1;
@@ -87,17 +89,6 @@ fn put<const K: usize>(r: &mut [u8; RECORD], at: usize, v: [u8; K]) {
     r[at..at + K].copy_from_slice(&v);
 }
 
-fn ip_bytes(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a.octets());
-            b
-        }
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
 /// The record's bytes, unescaped.
 fn record(t: &Transition, wall_offset_ns: i64) -> [u8; RECORD] {
     let mut r = [0u8; RECORD];
@@ -129,7 +120,7 @@ fn record(t: &Transition, wall_offset_ns: i64) -> [u8; RECORD] {
     // A family per record: an IPv4 address of an IPv6 socket is written v4-mapped.
     let addr = |ip: IpAddr| match (v6, ip) {
         (true, IpAddr::V4(a)) => a.to_ipv6_mapped().octets(),
-        _ => ip_bytes(ip),
+        _ => ip_to_wire(ip),
     };
     put(&mut r, 89, addr(t.local.ip()));
     put(&mut r, 105, t.local.port().to_le_bytes());
@@ -236,14 +227,12 @@ pub fn decode(line: &[u8]) -> Result<(Transition, i64), RecordError> {
         .ok_or(RecordError::Field("owner_via"))?;
     let ip = |at: usize| -> Result<IpAddr, RecordError> {
         let b: [u8; 16] = bytes_at(&r, at);
-        if flags & IPV6 != 0 {
-            // As the kernel program's addresses are shown: v4-mapped as IPv4.
-            return Ok(crate::event::ip_from_wire(true, &b));
-        }
-        if b[4..] != [0; 12] {
+        let v6 = flags & IPV6 != 0;
+        if !v6 && b[4..] != [0; 12] {
             return Err(RecordError::Field("IPv4 address"));
         }
-        Ok(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+        // As the kernel program's addresses are shown: v4-mapped as IPv4.
+        Ok(ip_from_wire(v6, &b))
     };
     let port = |at: usize| u16::from_le_bytes([r[at], r[at + 1]]);
     let container: [u8; 12] = bytes_at(&r, 141);
