@@ -70,6 +70,12 @@ pub struct BenchArgs {
     /// 300s), its RSS sampled every few seconds; reports first/last/max RSS and the loss.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     soak: Option<Duration>,
+    /// The soak's pace: a share of the untraced rate, measured just before (`50%`), a
+    /// rate in connections/s (`12000`), or `flat` (as fast as the load goes, where events
+    /// are lost and counted). The default, half the untraced rate, is below where loss
+    /// starts on the reference machine: there the soak shows whether anything is lost.
+    #[arg(long, value_name = "RATE", default_value = "50%", value_parser = soak::Pace::parse)]
+    soak_rate: soak::Pace,
     /// Leave out the paced tcptrace runs that find the rate where loss starts.
     #[arg(long)]
     skip_onset: bool,
@@ -303,11 +309,13 @@ pub fn run(mut args: BenchArgs, workspace: &Path) -> Result<()> {
                     .join("; ")
             );
         };
+        let pace = soak::pace(args.soak_rate, &load_cfg, &ABORT)?;
         let soak_cfg = LoadConfig {
             duration: length,
+            rate: pace.target,
             ..load_cfg.clone()
         };
-        let result = soak::run(&bin, &soak_cfg, &raw, args.tracer_nice, &ABORT);
+        let result = soak::run(&bin, &soak_cfg, pace, &raw, args.tracer_nice, &ABORT);
         drop(tw_guard);
         remove_big_files(&raw);
         let soak = result?;
