@@ -193,14 +193,16 @@ impl Engine {
                 lifecycle::time_wait_from(&c, &b.spill),
                 CloseEvidence::default(),
             );
-            out.push(Output::Lifecycle(LifecycleRecord::from_conn(
-                &c,
-                &b.spill,
-                b.owners.get(c.owner),
-                t.ts_ns,
-                EndReason::Closed,
-                Some(kind),
-            )));
+            push_in_place(out, || {
+                Output::Lifecycle(LifecycleRecord::from_conn(
+                    &c,
+                    &b.spill,
+                    b.owners.get(c.owner),
+                    t.ts_ns,
+                    EndReason::Closed,
+                    Some(kind),
+                ))
+            });
             if let Some(Output::Lifecycle(lc)) = out.last() {
                 b.stats.lifecycles_complete += u64::from(lc.complete);
             }
@@ -489,15 +491,28 @@ fn apply(
     if t.new == Listen && prev != Some(Listen) {
         relisten(c, b);
     }
-    out.push(Output::Transition(TransitionRecord {
-        t: *t,
-        in_old_state_ns,
-        owner: b.owners.get(c.owner),
-        role: c.role,
-        legal,
-        gap,
-    }));
+    push_in_place(out, || {
+        Output::Transition(TransitionRecord {
+            t: *t,
+            in_old_state_ns,
+            owner: b.owners.get(c.owner),
+            role: c.role,
+            legal,
+            gap,
+        })
+    });
     t.new == Established && prev != Some(Established)
+}
+
+/// Appends the output `make` builds, written straight into `out`'s buffer. Built first and
+/// then pushed, a ~240-byte record was made on the stack and copied in (`push` may grow the
+/// buffer in between): 4 % of a binary replay in memcpy.
+#[inline(always)]
+fn push_in_place(out: &mut Vec<Output>, make: impl FnOnce() -> Output) {
+    out.reserve(1);
+    out.spare_capacity_mut()[0].write(make());
+    // SAFETY: the slot past the length was just initialised, and `reserve` made room.
+    unsafe { out.set_len(out.len() + 1) };
 }
 
 fn relisten(c: &Conn, b: &mut Books) {
