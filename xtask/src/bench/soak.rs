@@ -349,6 +349,20 @@ pub fn table(s: &Soak, command: &str, tw_reuse: &str) -> String {
         count(f.transitions),
     )
     .ok();
+    // Connections that did not complete still made transitions the count does not expect.
+    let l = &s.load;
+    if l.connect_errors + l.server_errors > 0 || l.connected != l.completed {
+        writeln!(
+            w,
+            "load: connected {}, completed {}, connect errors {}, server errors {} (first: {})",
+            l.connected,
+            l.completed,
+            l.connect_errors,
+            l.server_errors,
+            l.first_error.as_deref().unwrap_or("-")
+        )
+        .ok();
+    }
     writeln!(
         w,
         "lost, by tcptrace's count: {}{}: ring buffer full {}, recursion misses {}; expected - reached {}",
@@ -398,6 +412,10 @@ pub fn json(s: &Soak, command: &str) -> Value {
         "command": command,
         "seconds": s.load.elapsed.as_secs_f64(),
         "connections": s.load.completed,
+        "connected": s.load.connected,
+        "connect_errors": s.load.connect_errors,
+        "server_errors": s.load.server_errors,
+        "first_error": s.load.first_error,
         "connections_per_second": s.load.per_second(),
         "transitions_expected": f.expected,
         "transitions_reached_tcptrace": f.transitions,
