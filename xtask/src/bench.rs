@@ -296,6 +296,7 @@ pub fn run(mut args: BenchArgs, workspace: &Path) -> Result<()> {
         rate: None,
     };
     let tw_guard = sysctl::TwReuse::ensure()?;
+    let _stats_off = sysctl::StatsSysctlOff::ensure();
     let tw_reuse = tw_guard.describe();
     if let Some(length) = args.soak {
         let Some(bin) = contenders.tcptrace.clone() else {

@@ -90,3 +90,43 @@ impl BpfStats {
         self.0.is_some()
     }
 }
+
+/// Run-time stats switched on for every program by the sysctl (`kernel.bpf_stats_enabled=1`,
+/// left on by another tool or by hand) cost each program run two clock reads, in the
+/// counted rounds too: they are off for the bench's duration, and restored on drop. The
+/// BPF time round still gets its stats through its own `BpfStats` fd.
+pub struct StatsSysctlOff {
+    was_on: bool,
+}
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl StatsSysctlOff {
+    pub fn ensure() -> StatsSysctlOff {
+        let was_on = std::fs::read_to_string(BPF_STATS_SYSCTL).is_ok_and(|v| v.trim() == "1");
+        if was_on {
+            match std::fs::write(BPF_STATS_SYSCTL, "0") {
+                Ok(()) => eprintln!(
+                    "bench: kernel.bpf_stats_enabled was 1 (stats on every program run): 0 during the bench, restored after"
+                ),
+                Err(e) => {
+                    eprintln!(
+                        "bench: kernel.bpf_stats_enabled is 1 and could not be turned off ({e}): every tracer's figures include the stats' cost"
+                    );
+                    return StatsSysctlOff { was_on: false };
+                }
+            }
+        }
+        StatsSysctlOff { was_on }
+    }
+}
+
+impl Drop for StatsSysctlOff {
+    fn drop(&mut self) {
+        if self.was_on
+            && let Err(e) = std::fs::write(BPF_STATS_SYSCTL, "1")
+        {
+            eprintln!("bench: could not restore {BPF_STATS_SYSCTL} to 1: {e}");
+        }
+    }
+}
