@@ -244,7 +244,7 @@ pub struct Filter {
 
 /// Per-CPU counters kept by the program, indices into its `COUNTERS` array.
 pub const COUNTER_SUBMITTED: u32 = 0;
-/// A ring-buffer reserve failed: the event is lost, and counted here.
+/// A ring-buffer reserve failed for a state transition: it is lost, and counted here.
 pub const COUNTER_RINGBUF_FULL: u32 = 1;
 /// A read of the tracepoint record failed: the event is lost, and counted here.
 pub const COUNTER_READ_ERROR: u32 = 2;
@@ -255,7 +255,11 @@ pub const COUNTER_FILTERED: u32 = 4;
 /// A `→ CLOSE` event found the ring buffer full and went to `DEFERRED_CLOSES` instead,
 /// which the daemon empties after the ring buffer: delivered late, not lost.
 pub const COUNTER_DEFERRED: u32 = 5;
-pub const COUNTER_COUNT: u32 = 6;
+/// A ring-buffer reserve failed for an event that is no state change (an accept, or a
+/// timewait handoff): lost and counted here, apart from the transitions, so that each
+/// count can be checked against what did arrive.
+pub const COUNTER_RINGBUF_FULL_OTHER: u32 = 6;
+pub const COUNTER_COUNT: u32 = 7;
 
 /// Capacity of the queue of deferred `→ CLOSE` events (144 bytes each). A connection whose
 /// end is lost stays in the engine until evicted; this keeps bursts from doing that.

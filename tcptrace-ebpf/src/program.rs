@@ -20,13 +20,13 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use tcptrace_common::{
     AF_INET, AF_INET6, COUNTER_COUNT, COUNTER_DEFERRED, COUNTER_FILTERED, COUNTER_READ_ERROR,
-    COUNTER_RINGBUF_FULL, COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED, Cidr, DEFERRED_CLOSES,
-    EVENT_F_ACCEPT, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN, EVENT_F_TIMEWAIT,
-    EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED, FILTER_COMM, FILTER_FAMILY, FILTER_LADDR, FILTER_NETNS,
-    FILTER_PID, FILTER_PORTS, FILTER_RADDR, Filter, IPPROTO_TCP, KOFF_ACCEPT, KOFF_NETNS,
-    KOFF_TIMEWAIT, KernelOffsets, MAX_FILTER_PORTS, OWNER_SRC_ACCEPT, OWNER_SRC_CLOSE,
-    OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_LISTENER, OWNER_SRC_NONE, Owner,
-    SOCK_MAP_ENTRIES, SockInfo, StateEvent, TP_RECORD_BYTES, TracepointLayout,
+    COUNTER_RINGBUF_FULL, COUNTER_RINGBUF_FULL_OTHER, COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED,
+    Cidr, DEFERRED_CLOSES, EVENT_F_ACCEPT, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN,
+    EVENT_F_TIMEWAIT, EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED, FILTER_COMM, FILTER_FAMILY,
+    FILTER_LADDR, FILTER_NETNS, FILTER_PID, FILTER_PORTS, FILTER_RADDR, Filter, IPPROTO_TCP,
+    KOFF_ACCEPT, KOFF_NETNS, KOFF_TIMEWAIT, KernelOffsets, MAX_FILTER_PORTS, OWNER_SRC_ACCEPT,
+    OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_LISTENER, OWNER_SRC_NONE,
+    Owner, SOCK_MAP_ENTRIES, SockInfo, StateEvent, TP_RECORD_BYTES, TracepointLayout,
 };
 
 const TCP_ESTABLISHED: u8 = 1;
@@ -1031,7 +1031,12 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
         unsafe { bpf_ktime_get_ns() }
     };
     let Some(mut entry) = reserved else {
-        if new == TCP_CLOSE && defer(info, skaddr, old, flags, cpu, ts_ns) {
+        // As the daemon tells them apart: an accept, or a timewait handoff (`old → old`).
+        let no_state_change =
+            flags & EVENT_F_ACCEPT != 0 || (flags & EVENT_F_TIMEWAIT != 0 && old == new);
+        if no_state_change {
+            bump(COUNTER_RINGBUF_FULL_OTHER);
+        } else if new == TCP_CLOSE && defer(info, skaddr, old, flags, cpu, ts_ns) {
             bump(COUNTER_DEFERRED);
         } else {
             bump(COUNTER_RINGBUF_FULL);

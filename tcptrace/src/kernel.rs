@@ -11,8 +11,8 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use aya_log::EbpfLogger;
 use tcptrace_common::{
     COUNTER_DEFERRED, COUNTER_FILTERED, COUNTER_READ_ERROR, COUNTER_RINGBUF_FULL,
-    COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED, Filter, KOFF_ACCEPT, KOFF_TIMEWAIT, SOCK_MAP_ENTRIES,
-    StateEvent,
+    COUNTER_RINGBUF_FULL_OTHER, COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED, Filter, KOFF_ACCEPT,
+    KOFF_TIMEWAIT, SOCK_MAP_ENTRIES, StateEvent,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -81,8 +81,10 @@ impl Default for TracerConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
     pub submitted: u64,
-    /// Ring-buffer reserve failed: the reader fell behind.
+    /// Ring-buffer reserve failed for a state transition: the reader fell behind.
     pub ringbuf_full: u64,
+    /// The same for accept and timewait-handoff events, which change no state.
+    pub ringbuf_full_other: u64,
     pub read_errors: u64,
     /// Identity map insert failed (the event still went out, flagged).
     pub sock_map_full: u64,
@@ -336,6 +338,7 @@ impl Tracer {
         KernelCounters {
             submitted: sum(COUNTER_SUBMITTED),
             ringbuf_full: sum(COUNTER_RINGBUF_FULL),
+            ringbuf_full_other: sum(COUNTER_RINGBUF_FULL_OTHER),
             read_errors: sum(COUNTER_READ_ERROR),
             sock_map_full: sum(COUNTER_SOCK_MAP_FULL),
             filtered: sum(COUNTER_FILTERED),

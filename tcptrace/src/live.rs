@@ -297,6 +297,7 @@ fn loss(k: &KernelCounters, decode_errors: u64) -> Loss {
         recursion_misses: k.recursion_misses,
         read_errors: k.read_errors,
         decode_errors,
+        other_events_lost: k.ringbuf_full_other,
     }
 }
 

@@ -260,6 +260,7 @@ fn observe(m: &Metrics, tracer: &Tracer, p: &Pipeline, decode_errors: u64) {
         recursion_misses: k.recursion_misses,
         read_errors: k.read_errors,
         decode_errors,
+        other_events_lost: k.ringbuf_full_other,
     };
     m.observe_kernel(&loss, k.submitted, k.deferred);
     m.observe_engine(&p.engine().stats(), &p.engine().current_state_counts());

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use tcptrace::event::TcpState::{self, *};
-use tcptrace::event::Transition;
+use tcptrace::event::{EventKind, Transition};
 
 const CLIENT: [TcpState; 6] = [Close, SynSent, Established, FinWait1, FinWait2, Close];
 const SERVER: [TcpState; 6] = [Listen, SynRecv, Established, CloseWait, LastAck, Close];
@@ -365,6 +365,25 @@ fn closes_that_find_the_ring_buffer_full_arrive_late_and_every_connection_ends()
             "every socket's end arrives (client, server, listener): {c:?}"
         );
         assert!(c.deferred >= 2 * N as u64 - 30, "most came through the queue: {c:?}");
+        // Every event either arrived or was counted, under the right heading: transitions
+        // in `ringbuf_full` (or the kernel's recursion misses), accepts apart from them.
+        // Other TCP traffic on the host during the burst can only add to the counters.
+        let kind = |k: EventKind| events.iter().filter(|t| t.kind == k).count() as u64;
+        let transitions = 10 * N as u64 + 2;
+        let accounted = kind(EventKind::State) + c.ringbuf_full + c.recursion_misses;
+        assert!(
+            (transitions..transitions + 50).contains(&accounted),
+            "{} transitions arrived, {} counted lost, of {transitions}: {c:?}",
+            kind(EventKind::State),
+            c.ringbuf_full + c.recursion_misses
+        );
+        assert!(
+            kind(EventKind::Accept) + c.ringbuf_full_other >= N as u64
+                && c.ringbuf_full_other > 0,
+            "{} accepts arrived, {} counted lost, of {N}: {c:?}",
+            kind(EventKind::Accept),
+            c.ringbuf_full_other
+        );
         assert!(
             closes.iter().all(|t| t.ts_ns < burst_over),
             "deferred events keep the time they happened at"

@@ -12,7 +12,8 @@
 //! // In the live loop, once per second (next to `pipeline.tick`):
 //! let k = tracer.counters();
 //! let loss = Loss { ringbuf_full: k.ringbuf_full, recursion_misses: k.recursion_misses,
-//!                   read_errors: k.read_errors, decode_errors };
+//!                   read_errors: k.read_errors, decode_errors,
+//!                   other_events_lost: k.ringbuf_full_other };
 //! metrics.observe_kernel(&loss, k.submitted, k.deferred);
 //! metrics.observe_engine(&pipeline.engine().stats(), &pipeline.engine().current_state_counts());
 //! ```
@@ -109,6 +110,7 @@ pub struct Metrics {
     lost: [Counter; LOSS_CAUSES.len()],
     received: Counter,
     deferred: Counter,
+    other_lost: Counter,
     tracked: U64Gauge,
     evicted: Counter,
     alerts: Mutex<AlertBook>,
@@ -247,6 +249,12 @@ impl Metrics {
             "Connection ends (X to CLOSE) that found the ring buffer full and were delivered late through the kernel's overflow queue (not lost; a sign of overload)",
             deferred.clone(),
         );
+        let other_lost = Counter::default();
+        reg.register(
+            "tcptrace_other_events_lost",
+            "Accept and TIME_WAIT-handoff events (no state change, so not in tcptrace_events_lost) dropped by a full ring buffer: each costs a socket its owner or its timewait follow-up",
+            other_lost.clone(),
+        );
         let tracked = U64Gauge::default();
         reg.register(
             "tcptrace_connections_tracked",
@@ -297,6 +305,7 @@ impl Metrics {
             lost,
             received,
             deferred,
+            other_lost,
             tracked,
             evicted,
             alerts: Mutex::new(alerts),
@@ -392,6 +401,7 @@ impl Metrics {
         for (c, n) in self.lost.iter().zip(totals) {
             mirror(c, n);
         }
+        mirror(&self.other_lost, loss.other_events_lost);
     }
 
     /// The engine's gauges (call about once per second): `stats` from `Engine::stats`,
@@ -670,6 +680,7 @@ mod tests {
             recursion_misses: 1,
             read_errors: 0,
             decode_errors: 2,
+            other_events_lost: 4,
         };
         m.observe_kernel(&loss, 100, 6);
         // A counter never goes down, even if handed a smaller total.
@@ -695,6 +706,7 @@ mod tests {
         assert_eq!(series(&sc, lost), 4);
         assert_eq!(value(&sc, "tcptrace_events_received_total", &[]), 100.0);
         assert_eq!(value(&sc, "tcptrace_events_deferred_total", &[]), 6.0);
+        assert_eq!(value(&sc, "tcptrace_other_events_lost_total", &[]), 4.0);
         assert_eq!(value(&sc, "tcptrace_connections_tracked", &[]), 7.0);
         assert_eq!(value(&sc, "tcptrace_connections_evicted_total", &[]), 3.0);
         let c = "tcptrace_connections";
@@ -729,6 +741,7 @@ mod tests {
             ("tcptrace_events_lost", "counter"),
             ("tcptrace_events_received", "counter"),
             ("tcptrace_events_deferred", "counter"),
+            ("tcptrace_other_events_lost", "counter"),
             ("tcptrace_connections_tracked", "gauge"),
             ("tcptrace_connections_evicted", "counter"),
             ("tcptrace_output_write_errors", "counter"),

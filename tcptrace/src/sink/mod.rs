@@ -29,6 +29,10 @@ pub struct Loss {
     pub read_errors: u64,
     /// Bytes that came out of the ring buffer but did not decode.
     pub decode_errors: u64,
+    /// Accept and timewait-handoff events (no state change, so not in `total`) that the full
+    /// ring buffer dropped: each costs a socket its owner, or its timewait follow-up.
+    #[serde(default)]
+    pub other_events_lost: u64,
 }
 
 impl Loss {

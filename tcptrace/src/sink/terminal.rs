@@ -245,14 +245,18 @@ impl<W: Write> Sink for Terminal<W> {
         }
         writeln!(
             self.out,
-            "tcptrace: {} transitions seen, {} events lost (ring buffer full {}, recursion misses {}, read errors {}, undecodable {}), {} connections evicted",
+            "tcptrace: {} transitions seen, {} events lost (ring buffer full {}, recursion misses {}, read errors {}, undecodable {}), {} connections evicted{}",
             s.transitions,
             s.lost,
             s.loss.ringbuf_full,
             s.loss.recursion_misses,
             s.loss.read_errors,
             s.loss.decode_errors,
-            s.engine.evicted
+            s.engine.evicted,
+            match s.loss.other_events_lost {
+                0 => String::new(),
+                n => format!("; {n} accept/handoff events lost to the full ring buffer"),
+            }
         )
     }
 
