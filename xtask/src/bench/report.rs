@@ -504,13 +504,25 @@ fn loss_causes(outcome: &Outcome, tracer: Tracer) -> String {
             *causes.entry(cause.clone()).or_default() += n.as_u64().unwrap_or(0);
         }
     }
-    causes
+    // Not a part of `lost`: tcptrace counts the accepts and handoffs it dropped apart.
+    let other = causes.remove(OTHER_EVENTS_LOST).unwrap_or(0);
+    let parts = causes
         .iter()
         .filter(|(_, n)| **n > 0)
         .map(|(c, n)| format!("{c} {}", thousands(*n as f64)))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    match other {
+        0 => parts,
+        n => format!(
+            "{parts}; and apart from them, {} accept/handoff events (not transitions)",
+            thousands(n as f64)
+        ),
+    }
 }
+
+/// The key of tcptrace's summary that counts dropped events which are not transitions.
+const OTHER_EVENTS_LOST: &str = "other_events_lost";
 
 fn run_json(outcome: &Outcome, run: &Run) -> Value {
     let l = &run.load;
