@@ -25,6 +25,63 @@ use crate::snapshot;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 const TICK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often a batch of idle connections is checked against the kernel's sockets, how long
+/// a connection must have had no event to be checked, and how many are checked at most
+/// each time (one sock_diag lookup apiece, a few microseconds).
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+const IDLE_BEFORE_CHECK: Duration = Duration::from_secs(10);
+const RECONCILE_BATCH: usize = 2000;
+
+/// Retires connections whose end was lost. A recursion miss takes a whole softirq's
+/// transitions (often a client's FIN_WAIT1 → FIN_WAIT2 → CLOSE at once), and without this
+/// the engine would keep such a connection open until evicted, in its state gauges too.
+/// Only sockets of tcptrace's own network namespace can be looked up; others are left.
+struct Reconciler {
+    prober: snapshot::Prober,
+    netns: u32,
+    last: Instant,
+}
+
+impl Reconciler {
+    fn new() -> Option<Reconciler> {
+        let netns = snapshot::own_netns()?;
+        match snapshot::Prober::new() {
+            Ok(prober) => Some(Reconciler {
+                prober,
+                netns,
+                last: Instant::now(),
+            }),
+            Err(e) => {
+                log::warn!(
+                    "no sock_diag lookups ({e}): connections whose end was lost stay tracked until evicted"
+                );
+                None
+            }
+        }
+    }
+
+    /// The idle connections of a batch that the kernel no longer has.
+    fn gone(&mut self, pipeline: &mut Pipeline, now_ns: u64) -> Result<Vec<u64>, String> {
+        let idle = pipeline.idle_connections(
+            now_ns,
+            IDLE_BEFORE_CHECK.as_nanos() as u64,
+            self.netns,
+            RECONCILE_BATCH,
+        );
+        let mut gone = Vec::new();
+        for c in idle {
+            if !self
+                .prober
+                .exists(c.local, c.remote)
+                .map_err(|e| e.to_string())?
+            {
+                gone.push(c.conn_id);
+            }
+        }
+        Ok(gone)
+    }
+}
+
 /// Why the loop ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Stop {
@@ -210,6 +267,7 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut decode_errors = 0u64;
     let mut last_tick = Instant::now();
+    let mut reconciler = Reconciler::new();
     let stop = loop {
         let wait = tracer.wait(POLL_INTERVAL);
         let stop = tokio::select! {
@@ -244,6 +302,33 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
                     m.observe_kernel(&loss(&k, decode_errors), k.submitted, k.deferred);
                     let engine = pipeline.engine();
                     m.observe_engine(&engine.stats(), &engine.current_state_counts());
+                }
+            }
+            if let Some(rec) = reconciler.as_mut()
+                && rec.last.elapsed() >= RECONCILE_EVERY
+            {
+                rec.last = Instant::now();
+                match rec.gone(pipeline, kernel::monotonic_ns()) {
+                    Ok(gone) if !gone.is_empty() => {
+                        // An end that happened before the lookups is in the ring buffer
+                        // by now: it goes in first, and that connection is not retired.
+                        drain(
+                            &mut tracer,
+                            pipeline,
+                            &mut adopter,
+                            &mut annotator,
+                            &mut decode_errors,
+                        )?;
+                        let n = pipeline.retire_vanished(&gone, kernel::monotonic_ns())?;
+                        log::debug!("{n} connections retired: the kernel no longer has them");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        log::warn!(
+                            "sock_diag lookup failed ({e}): connections whose end was lost stay tracked until evicted"
+                        );
+                        reconciler = None;
+                    }
                 }
             }
             pipeline.flush()

@@ -200,6 +200,14 @@ fn netns_inode(path: &str) -> Result<u64, SnapshotError> {
         })
 }
 
+/// Inode of the calling thread's network namespace, as the kernel program reports a
+/// socket's (`netns`); None if /proc cannot tell.
+pub fn own_netns() -> Option<u32> {
+    netns_inode("/proc/thread-self/ns/net")
+        .ok()
+        .and_then(|i| u32::try_from(i).ok())
+}
+
 /// A process that exited while we looked is not an error.
 fn vanished(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
@@ -348,6 +356,105 @@ fn dump_current_netns(netns: u64, out: &mut Vec<SnapSocket>) -> Result<(), Snaps
         receive_dump(&socket, &mut buf, seq, netns, out)?;
     }
     Ok(())
+}
+
+/// Looks sockets up one at a time by their addresses, with sock_diag's exact lookup, in the
+/// network namespace of the thread that made it: whether the kernel still has a connection
+/// the engine thinks is open. No capability is needed for one's own namespace.
+pub struct Prober {
+    socket: Socket,
+    buf: Vec<u8>,
+    seq: u32,
+}
+
+impl Prober {
+    pub fn new() -> Result<Prober, SnapshotError> {
+        let socket = Socket::new(NETLINK_SOCK_DIAG).map_err(|source| SnapshotError::Netlink {
+            what: "socket",
+            source,
+        })?;
+        Ok(Prober {
+            socket,
+            buf: vec![0u8; RECV_BUF_LEN],
+            seq: 0,
+        })
+    }
+
+    /// Whether the kernel has a TCP socket (full, request or timewait) connected from
+    /// `local` to `remote`. The kernel's lookup falls back to a listener on `local` when no
+    /// connection matches, which is not this connection: that counts as absent.
+    pub fn exists(&mut self, local: SocketAddr, remote: SocketAddr) -> Result<bool, SnapshotError> {
+        let netlink = |what, source| SnapshotError::Netlink { what, source };
+        let v4 = local.is_ipv4() && remote.is_ipv4();
+        let as_family = |ip: IpAddr| match (v4, ip) {
+            (false, IpAddr::V4(a)) => IpAddr::V6(a.to_ipv6_mapped()),
+            _ => ip,
+        };
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST;
+        header.sequence_number = self.seq;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family: if v4 { AF_INET } else { AF_INET6 },
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::all(),
+                socket_id: SocketId {
+                    source_port: local.port(),
+                    destination_port: remote.port(),
+                    source_address: as_family(local.ip()),
+                    destination_address: as_family(remote.ip()),
+                    interface_id: 0,
+                    // INET_DIAG_NOCOOKIE: any socket with these addresses.
+                    cookie: [0xff; 8],
+                },
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut bytes = vec![0u8; request.buffer_len()];
+        request.serialize(&mut bytes);
+        self.socket
+            .send(&bytes, 0)
+            .map_err(|e| netlink("lookup", e))?;
+        let decode = |e: netlink_packet_core::DecodeError| SnapshotError::Decode(e.to_string());
+        loop {
+            let n = self
+                .socket
+                .recv(&mut &mut self.buf[..], 0)
+                .map_err(|e| netlink("lookup", e))?;
+            let mut at = 0;
+            while at < n.min(self.buf.len()) {
+                let msg = NetlinkBuffer::new_checked(&self.buf[at..n]).map_err(decode)?;
+                at += (msg.length() as usize).next_multiple_of(4);
+                if msg.sequence_number() != self.seq {
+                    continue;
+                }
+                match msg.message_type() {
+                    SOCK_DIAG_BY_FAMILY => {
+                        let h = InetResponseHeader::parse(msg.payload()).map_err(decode)?;
+                        let found = snap_socket(&h, 0)?;
+                        return Ok(
+                            found.state != TcpState::Listen && found.remote.port() == remote.port()
+                        );
+                    }
+                    NLMSG_ERROR => {
+                        let err = ErrorBuffer::new_checked(msg.payload()).map_err(decode)?;
+                        return match err.code().map(|c| -c.get()) {
+                            Some(libc::ENOENT) => Ok(false),
+                            Some(code) => {
+                                Err(netlink("lookup", io::Error::from_raw_os_error(code)))
+                            }
+                            None => Ok(false),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// Reads one dump until NLMSG_DONE. Only the fixed header of each reply is parsed: the
@@ -578,6 +685,46 @@ fn denied_message(pids: &[u32], have_ptrace: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The exact lookup against real loopback sockets (sock_diag, no BPF): a connection
+    /// is found from both ends, in IPv4 and IPv6, and is gone once both ends are closed
+    /// and reset; a listener on the local address is not taken for the connection.
+    #[test]
+    fn prober_finds_live_connections_and_not_gone_ones() {
+        use std::net::{TcpListener, TcpStream};
+        let mut p = super::Prober::new().expect("NETLINK_SOCK_DIAG");
+        for bind in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = TcpListener::bind(bind).unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            let (c, s) = (client.local_addr().unwrap(), server.local_addr().unwrap());
+            assert!(p.exists(c, s).unwrap(), "client end {c} -> {s}");
+            assert!(p.exists(s, c).unwrap(), "server end {s} -> {c}");
+            // Linger 0: both ends go straight to CLOSE, no TIME_WAIT left behind.
+            for sock in [&client, &server] {
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: a valid socket fd and a live linger struct of the size given.
+                let r = unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(sock),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        size_of::<libc::linger>() as libc::socklen_t,
+                    )
+                };
+                assert_eq!(r, 0, "SO_LINGER");
+            }
+            drop(client);
+            drop(server);
+            assert!(!p.exists(c, s).unwrap(), "closed client end {c} -> {s}");
+            // The listener still has the server's local address: not this connection.
+            assert!(!p.exists(s, c).unwrap(), "closed server end {s} -> {c}");
+        }
+    }
+
     #[test]
     fn a_denied_process_is_explained_by_what_tcptrace_lacks() {
         let m = super::denied_message(&[1, 7], false);

@@ -42,6 +42,8 @@ pub struct Conn {
     pub remote_port: u16,
     /// Interned owner, 0 = unknown.
     pub owner: u32,
+    /// Inode of the socket's network namespace; 0 when unknown.
+    pub netns: u32,
     /// Kernel state number; 0 marks a free slab slot.
     pub state: u8,
     pub role: Role,
@@ -60,6 +62,7 @@ impl Conn {
         local_port: 0,
         remote_port: 0,
         owner: 0,
+        netns: 0,
         state: 0,
         role: Role::Unknown,
         flags: 0,
@@ -293,7 +296,7 @@ mod tests {
     fn conn_stays_within_its_memory_budget() {
         assert_eq!(
             std::mem::size_of::<Conn>(),
-            96,
+            104,
             "Conn grew: recheck the 200 B/conn budget"
         );
     }

@@ -72,6 +72,9 @@ pub enum EndReason {
     Finished,
     /// The kernel side started a new identity under the same conn_id (should not happen).
     Superseded,
+    /// Its socket was gone from the kernel while the engine still had it open: its end was
+    /// lost (a recursion miss, or a full ring buffer).
+    Vanished,
 }
 
 impl EndReason {
@@ -81,6 +84,7 @@ impl EndReason {
             EndReason::Evicted => "evicted",
             EndReason::Finished => "finished",
             EndReason::Superseded => "superseded",
+            EndReason::Vanished => "vanished",
         }
     }
 }

@@ -39,7 +39,7 @@ use table::{Owners, Slab, map_heap_bytes};
 /// Engine settings. `Default` gives the documented defaults.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineConfig {
-    /// Connections tracked at most. Default 1,000,000 (about 135 MB: 96 B per connection
+    /// Connections tracked at most. Default 1,000,000 (about 140 MB: 104 B per connection
     /// in the slab plus ~36 B in the index). At the cap the least recently active
     /// connection (CLOCK approximation; listeners last) is evicted and emitted as a
     /// partial lifecycle with `end: "evicted"`.
@@ -114,6 +114,16 @@ pub struct Engine {
     books: Books,
     rules: Vec<Box<dyn Rule>>,
     alerts: Vec<Alert>,
+    /// Where `idle_connections` goes on from.
+    sweep_at: u32,
+}
+
+/// A connection to look up in the kernel (see [`Engine::idle_connections`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdleConn {
+    pub conn_id: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
 }
 
 impl Engine {
@@ -140,6 +150,7 @@ impl Engine {
             },
             rules,
             alerts: Vec::new(),
+            sweep_at: 0,
         }
     }
 
@@ -254,6 +265,56 @@ impl Engine {
             self.books.stats.superseded += 1;
             self.let_go(c, now_ns, EndReason::Superseded, true, out);
         }
+    }
+
+    /// Up to `max` connections of network namespace `netns` with no event for `idle_ns`,
+    /// for a check against the kernel's sockets ([`Engine::retire_vanished`] for those it
+    /// no longer has). Continues where the previous call stopped, so that successive calls
+    /// sweep all connections however many there are.
+    pub fn idle_connections(
+        &mut self,
+        now_ns: u64,
+        idle_ns: u64,
+        netns: u32,
+        max: usize,
+    ) -> Vec<IdleConn> {
+        let mut found = Vec::new();
+        let high = self.slab.high();
+        let mut looked = 0u32;
+        while looked < high && found.len() < max {
+            let s = self.sweep_at % high.max(1);
+            self.sweep_at = s + 1;
+            looked += 1;
+            let c = self.slab.get(s);
+            if c.is_free() || c.netns != netns || now_ns.saturating_sub(c.last_ts) < idle_ns {
+                continue;
+            }
+            // A listener's own address is no connection's: not looked up.
+            if c.state() == Some(TcpState::Listen) {
+                continue;
+            }
+            found.push(IdleConn {
+                conn_id: c.conn_id,
+                local: c.local(),
+                remote: c.remote(),
+            });
+        }
+        found
+    }
+
+    /// Retires a connection whose socket the kernel no longer has: its end was lost, so it
+    /// goes out as a partial lifecycle (`end: "vanished"`, with a gap) and rules forget it.
+    /// False if the engine no longer has it either (its end arrived meanwhile).
+    pub fn retire_vanished(&mut self, conn_id: u64, now_ns: u64, out: &mut Vec<Output>) -> bool {
+        let Some(s) = self.index.remove(&conn_id) else {
+            return false;
+        };
+        let mut c = self.slab.release(s);
+        c.flags |= F_GAP;
+        self.books.stats.vanished += 1;
+        self.books.stats.gaps += 1;
+        self.let_go(c, now_ns, EndReason::Vanished, true, out);
+        true
     }
 
     /// Timer-driven evaluation: stuck sockets age, windows slide, findings resolve.
@@ -401,6 +462,7 @@ impl Engine {
 /// start time; a mid-life sighting is marked partial.
 fn begin(t: &Transition, full: bool, b: &mut Books) -> Conn {
     let mut c = Conn::fresh(t.conn_id, t.ts_ns, t.old, Role::from_first(t.old, t.new));
+    c.netns = t.meta.netns;
     c.flags |= F_ENTRY_UNKNOWN;
     if !full {
         c.flags |= F_PARTIAL_START;

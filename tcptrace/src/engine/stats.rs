@@ -62,8 +62,11 @@ pub struct EngineStats {
     pub lifecycles_closed: u64,
     /// Of those, the ones seen whole (`complete: true`).
     pub lifecycles_complete: u64,
-    /// Lifecycles emitted without reaching CLOSE (evicted, finished, superseded).
+    /// Lifecycles emitted without reaching CLOSE (evicted, finished, superseded, vanished).
     pub lifecycles_partial: u64,
+    /// Connections retired because the kernel no longer had their socket (end lost).
+    #[serde(default)]
+    pub vanished: u64,
     pub close_kinds: CloseKindCounts,
 }
 

@@ -159,6 +159,11 @@ impl Slab {
     }
 
     /// Slot indices in use (for `finish`).
+    /// Slots ever handed out (the live ones and the free ones among them).
+    pub fn high(&self) -> u32 {
+        self.high
+    }
+
     pub fn live_slots(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.high).filter(|&s| !self.get(s).is_free())
     }

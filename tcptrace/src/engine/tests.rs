@@ -471,3 +471,76 @@ fn lifecycle_json_uses_snake_case_and_state_names() {
     let back: LifecycleRecord = serde_json::from_value(v).expect("deserialise");
     assert_eq!(back, l);
 }
+
+/// Connections idle long enough are offered for a check against the kernel, those of
+/// other namespaces and listeners never; successive calls sweep on where the last stopped.
+#[test]
+fn idle_connections_are_offered_by_namespace_and_swept_in_turn() {
+    let mut sim = Sim::default();
+    let t = task(7, "app");
+    let mut ns = |id: u64, netns: u32, local: &str| {
+        let s = Sock::new(id, local, "10.0.0.9:80", t);
+        let mut e = s.ev(S, Close, SynSent);
+        e.meta.netns = netns;
+        sim.feed(&e);
+        s
+    };
+    let a = ns(1, 100, "10.0.0.1:4001");
+    let b = ns(2, 100, "10.0.0.1:4002");
+    ns(3, 200, "10.0.0.1:4003");
+    let mut lst = Sock::new(4, "10.0.0.1:80", "0.0.0.0:0", t).ev(S, Close, Listen);
+    lst.meta.netns = 100;
+    sim.feed(&lst);
+    // b moves on later: not idle at 10 s.
+    let mut later = b.ev(8 * S, SynSent, Established);
+    later.meta.netns = 100;
+    sim.feed(&later);
+    let ids = |v: Vec<super::IdleConn>| v.iter().map(|c| c.conn_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(sim.engine.idle_connections(10 * S, 5 * S, 100, 10)),
+        [1]
+    );
+    assert_eq!(
+        sim.engine.idle_connections(10 * S, 5 * S, 100, 10)[0],
+        super::IdleConn {
+            conn_id: 1,
+            local: a.local,
+            remote: a.remote
+        }
+    );
+    // At 20 s both are idle; one per call, in turn, then round again.
+    let one = |sim: &mut Sim| ids(sim.engine.idle_connections(20 * S, 5 * S, 100, 1));
+    let (first, second, third) = (one(&mut sim), one(&mut sim), one(&mut sim));
+    assert_eq!(
+        [first.clone(), second].concat(),
+        [1, 2],
+        "each once per round"
+    );
+    assert_eq!(third, first, "the sweep goes round");
+    assert!(ids(sim.engine.idle_connections(20 * S, 5 * S, 300, 10)).is_empty());
+}
+
+/// A connection whose socket the kernel no longer has goes out whole as a partial
+/// lifecycle, marked as a gap, and is no longer tracked; a second retire is a no-op.
+#[test]
+fn a_vanished_connection_is_retired_as_a_gap() {
+    let mut sim = Sim::default();
+    let s = Sock::new(1, "10.0.0.1:4001", "10.0.0.9:80", task(7, "app"));
+    sim.run(&[
+        s.ev(S, Close, SynSent),
+        s.ev(2 * S, SynSent, Established),
+        s.ev(3 * S, Established, FinWait1),
+    ]);
+    let mut out = Vec::new();
+    assert!(sim.engine.retire_vanished(1, 70 * S, &mut out));
+    let l = one_lifecycle(&out);
+    assert_eq!(
+        (l.end, l.close_kind, l.gap, l.complete),
+        (EndReason::Vanished, None, true, false)
+    );
+    assert_eq!(l.end_ts_ns, 70 * S);
+    let st = sim.engine.stats();
+    assert_eq!((st.vanished, st.tracked, st.lifecycles_partial), (1, 0, 1));
+    assert_eq!(sim.engine.current_state_counts()[FinWait1 as usize], 0);
+    assert!(!sim.engine.retire_vanished(1, 71 * S, &mut out));
+}
