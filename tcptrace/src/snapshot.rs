@@ -424,9 +424,10 @@ impl Prober {
             let n = self
                 .socket
                 .recv(&mut &mut self.buf[..], 0)
-                .map_err(|e| netlink("lookup", e))?;
+                .map_err(|e| netlink("lookup", e))?
+                .min(self.buf.len());
             let mut at = 0;
-            while at < n.min(self.buf.len()) {
+            while at < n {
                 let msg = NetlinkBuffer::new_checked(&self.buf[at..n]).map_err(decode)?;
                 at += (msg.length() as usize).next_multiple_of(4);
                 if msg.sequence_number() != self.seq {
@@ -447,7 +448,8 @@ impl Prober {
                             Some(code) => {
                                 Err(netlink("lookup", io::Error::from_raw_os_error(code)))
                             }
-                            None => Ok(false),
+                            // An acknowledgement with no socket: not proof it is gone.
+                            None => Ok(true),
                         };
                     }
                     _ => {}
