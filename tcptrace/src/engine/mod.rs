@@ -293,10 +293,19 @@ impl Engine {
             if c.state() == Some(TcpState::Listen) {
                 continue;
             }
+            // Nor an incomplete one: CLOSE → SYN_SENT fires before connect() picks the
+            // local port, so a connection still retrying its SYN is known without it.
+            let (local, remote) = (c.local(), c.remote());
+            if [local, remote]
+                .iter()
+                .any(|a| a.port() == 0 || a.ip().is_unspecified())
+            {
+                continue;
+            }
             found.push(IdleConn {
                 conn_id: c.conn_id,
-                local: c.local(),
-                remote: c.remote(),
+                local,
+                remote,
             });
         }
         found

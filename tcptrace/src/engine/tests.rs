@@ -488,6 +488,9 @@ fn idle_connections_are_offered_by_namespace_and_swept_in_turn() {
     let a = ns(1, 100, "10.0.0.1:4001");
     let b = ns(2, 100, "10.0.0.1:4002");
     ns(3, 200, "10.0.0.1:4003");
+    // Still sending SYNs, its local port not yet in the events: nothing to look up by.
+    ns(5, 100, "10.0.0.1:0");
+    ns(6, 100, "0.0.0.0:4006");
     let mut lst = Sock::new(4, "10.0.0.1:80", "0.0.0.0:0", t).ev(S, Close, Listen);
     lst.meta.netns = 100;
     sim.feed(&lst);
