@@ -200,6 +200,25 @@ fn netns_inode(path: &str) -> Result<u64, SnapshotError> {
         })
 }
 
+/// Indices of the network interfaces of the calling thread's namespace.
+fn interface_indices() -> Vec<u32> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array ended by a zero entry, or null; freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            out.push((*p).if_index);
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
 /// Inode of the calling thread's network namespace, as the kernel program reports a
 /// socket's (`netns`); None if /proc cannot tell.
 pub fn own_netns() -> Option<u32> {
@@ -381,9 +400,36 @@ impl Prober {
     }
 
     /// Whether the kernel has a TCP socket (full, request or timewait) connected from
-    /// `local` to `remote`. The kernel's lookup falls back to a listener on `local` when no
-    /// connection matches, which is not this connection: that counts as absent.
+    /// `local` to `remote`. A socket bound to a device (SO_BINDTODEVICE, a VRF, an IPv6
+    /// link-local address's scope) matches only a lookup that names that device, so a miss
+    /// is tried again on each interface; with more than `MAX_INTERFACES` of them, a miss is
+    /// not taken as proof and the socket counts as present.
     pub fn exists(&mut self, local: SocketAddr, remote: SocketAddr) -> Result<bool, SnapshotError> {
+        const MAX_INTERFACES: usize = 32;
+        if self.lookup(local, remote, 0)? {
+            return Ok(true);
+        }
+        let interfaces = interface_indices();
+        if interfaces.len() > MAX_INTERFACES {
+            return Ok(true);
+        }
+        for ifindex in interfaces {
+            if self.lookup(local, remote, ifindex)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// One exact lookup, on interface `ifindex` (0: sockets bound to no device). The
+    /// kernel's lookup falls back to a listener on `local` when no connection matches,
+    /// which is not this connection: that counts as absent.
+    fn lookup(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        ifindex: u32,
+    ) -> Result<bool, SnapshotError> {
         let netlink = |what, source| SnapshotError::Netlink { what, source };
         let v4 = local.is_ipv4() && remote.is_ipv4();
         let as_family = |ip: IpAddr| match (v4, ip) {
@@ -406,7 +452,7 @@ impl Prober {
                     destination_port: remote.port(),
                     source_address: as_family(local.ip()),
                     destination_address: as_family(remote.ip()),
-                    interface_id: 0,
+                    interface_id: ifindex,
                     // INET_DIAG_NOCOOKIE: any socket with these addresses.
                     cookie: [0xff; 8],
                 },
@@ -725,6 +771,57 @@ mod tests {
             // The listener still has the server's local address: not this connection.
             assert!(!p.exists(s, c).unwrap(), "closed server end {s} -> {c}");
         }
+    }
+
+    /// A socket bound to a device is matched only by a lookup naming that device: found
+    /// through the retry on each interface, not taken for gone.
+    #[test]
+    fn prober_finds_a_connection_bound_to_a_device() {
+        use std::net::{TcpListener, TcpStream};
+        use std::os::fd::FromRawFd;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = listener.local_addr().unwrap();
+        // SAFETY: plain socket calls on a fresh fd, with live buffers of the sizes given;
+        // the fd is handed to a TcpStream that closes it.
+        let client = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0, "socket");
+            let dev = b"lo\0";
+            let r = libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                dev.as_ptr().cast(),
+                dev.len() as libc::socklen_t,
+            );
+            assert_eq!(r, 0, "SO_BINDTODEVICE lo (needs CAP_NET_RAW)");
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: to.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+                },
+                sin_zero: [0; 8],
+            };
+            let r = libc::connect(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            assert_eq!(r, 0, "connect");
+            TcpStream::from_raw_fd(fd)
+        };
+        let (_server, _) = listener.accept().unwrap();
+        let c = client.local_addr().unwrap();
+        let mut p = super::Prober::new().expect("NETLINK_SOCK_DIAG");
+        assert!(
+            !p.lookup(c, to, 0).unwrap(),
+            "a device-less lookup misses it"
+        );
+        assert!(
+            p.exists(c, to).unwrap(),
+            "the retry on each interface finds it"
+        );
     }
 
     #[test]
