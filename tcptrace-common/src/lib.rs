@@ -111,6 +111,14 @@ pub const EVENT_F_ACCEPT: u32 = 1 << 5;
 /// the application closed), which the kernel's state tracepoint never reports.
 pub const EVENT_F_TIMEWAIT: u32 = 1 << 6;
 
+/// Whether an event is no state change: an accept, or a timewait handoff (`old → old`).
+/// The program counts the ones it loses apart from transitions by this, and the daemon
+/// classifies the ones it receives by it, so the two always agree.
+#[inline(always)]
+pub fn changes_no_state(flags: u32, old: u8, new: u8) -> bool {
+    flags & EVENT_F_ACCEPT != 0 || (flags & EVENT_F_TIMEWAIT != 0 && old == new)
+}
+
 /// Bytes at the start of the `inet_sock_set_state` record the program copies with direct
 /// context loads (one instruction per word, where a helper call per field costs tens of
 /// nanoseconds). Every field it reads must lie within, past the 8 bytes of common fields,

@@ -27,6 +27,7 @@ use tcptrace_common::{
     KOFF_ACCEPT, KOFF_NETNS, KOFF_TIMEWAIT, KernelOffsets, MAX_FILTER_PORTS, OWNER_SRC_ACCEPT,
     OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_LISTENER, OWNER_SRC_NONE,
     Owner, SOCK_MAP_ENTRIES, SockInfo, StateEvent, TP_RECORD_BYTES, TracepointLayout,
+    changes_no_state,
 };
 
 const TCP_ESTABLISHED: u8 = 1;
@@ -1031,10 +1032,7 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
         unsafe { bpf_ktime_get_ns() }
     };
     let Some(mut entry) = reserved else {
-        // As the daemon tells them apart: an accept, or a timewait handoff (`old → old`).
-        let no_state_change =
-            flags & EVENT_F_ACCEPT != 0 || (flags & EVENT_F_TIMEWAIT != 0 && old == new);
-        if no_state_change {
+        if changes_no_state(flags, old, new) {
             bump(COUNTER_RINGBUF_FULL_OTHER);
         } else if new == TCP_CLOSE && defer(info, skaddr, old, flags, cpu, ts_ns) {
             bump(COUNTER_DEFERRED);

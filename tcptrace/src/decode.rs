@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 
 use tcptrace_common::{
     AF_INET, AF_INET6, EVENT_F_ACCEPT, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN,
-    EVENT_F_TIMEWAIT, EVENT_F_UNACCEPTED, OWNER_SRC_ACCEPT, OWNER_SRC_CLOSE, OWNER_SRC_CONNECT,
-    OWNER_SRC_LISTEN, OWNER_SRC_LISTENER, Owner, STATE_EVENT_SIZE, StateEvent,
+    EVENT_F_UNACCEPTED, OWNER_SRC_ACCEPT, OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN,
+    OWNER_SRC_LISTENER, Owner, STATE_EVENT_SIZE, StateEvent, changes_no_state,
 };
 
 use crate::event::{Comm, ConnMeta, EventKind, OwnerVia, Task, TcpState, Transition, ip_from_wire};
@@ -97,12 +97,12 @@ pub fn decode(buf: &[u8]) -> Result<Transition, DecodeError> {
         unaccepted: flags & EVENT_F_UNACCEPTED != 0,
         container: [0; 12],
     };
-    let kind = if flags & EVENT_F_ACCEPT != 0 {
-        EventKind::Accept
-    } else if flags & EVENT_F_TIMEWAIT != 0 && old == new {
-        EventKind::Handoff
-    } else {
+    let kind = if !changes_no_state(flags, old_raw, new_raw) {
         EventKind::State
+    } else if flags & EVENT_F_ACCEPT != 0 {
+        EventKind::Accept
+    } else {
+        EventKind::Handoff
     };
     Ok(Transition {
         ts_ns: u64_at(buf, offset_of!(StateEvent, ts_ns)),

@@ -40,6 +40,8 @@ struct Reconciler {
     prober: snapshot::Prober,
     netns: u32,
     last: Instant,
+    /// The engine slot the next batch starts from.
+    sweep_at: u32,
 }
 
 impl Reconciler {
@@ -50,6 +52,7 @@ impl Reconciler {
                 prober,
                 netns,
                 last: Instant::now(),
+                sweep_at: 0,
             }),
             Err(e) => {
                 log::warn!(
@@ -62,12 +65,14 @@ impl Reconciler {
 
     /// The idle connections of a batch that the kernel no longer has.
     fn gone(&mut self, pipeline: &mut Pipeline, now_ns: u64) -> Result<Vec<u64>, String> {
-        let idle = pipeline.idle_connections(
+        let (idle, next) = pipeline.engine().idle_connections(
+            self.sweep_at,
             now_ns,
             IDLE_BEFORE_CHECK.as_nanos() as u64,
             self.netns,
             RECONCILE_BATCH,
         );
+        self.sweep_at = next;
         let mut gone = Vec::new();
         for c in idle {
             if !self
@@ -222,29 +227,33 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
 /// written: the caller decides where).
 pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop, RunSummary)> {
     let started = Instant::now();
-    let mut tracer = Tracer::start(opts.tracer)?;
+    let tracer = Tracer::start(opts.tracer)?;
     for w in tracer.warnings() {
         log::warn!("{w}");
     }
     // After attaching, so that nothing falls between the snapshot and the live stream;
     // before dropping capabilities, which reading other processes' fds and entering
     // their namespaces need.
-    let mut adopter = Adopter::default();
-    let mut annotator = Annotator::new(std::mem::take(&mut opts.cgroups));
+    let mut intake = Intake {
+        tracer,
+        adopter: Adopter::default(),
+        annotator: Annotator::new(std::mem::take(&mut opts.cgroups)),
+        decode_errors: 0,
+    };
     if let Some(filter) = &opts.snapshot {
         match snapshot::take() {
             Ok(snap) => {
                 for e in &snap.errors {
                     log::warn!("start-up snapshot: {e}");
                 }
-                let seeds = adopter.seed(&snap, filter, snap.taken_mono_start_ns);
+                let seeds = intake.adopter.seed(&snap, filter, snap.taken_mono_start_ns);
                 log::info!(
                     "start-up snapshot: {} TCP sockets already open ({} kept)",
                     snap.sockets.len(),
                     seeds.len()
                 );
                 for mut t in seeds {
-                    if annotator.annotate(&mut t) {
+                    if intake.annotator.annotate(&mut t) {
                         pipeline.feed(&t).context("writing output")?;
                     }
                 }
@@ -265,11 +274,10 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut decode_errors = 0u64;
     let mut last_tick = Instant::now();
     let mut reconciler = Reconciler::new();
     let stop = loop {
-        let wait = tracer.wait(POLL_INTERVAL);
+        let wait = intake.tracer.wait(POLL_INTERVAL);
         let stop = tokio::select! {
             _ = wait => None,
             _ = sigint.recv() => Some(Stop::Signal),
@@ -285,21 +293,15 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
                 }
             } => Some(Stop::Duration),
         };
-        let r = drain(
-            &mut tracer,
-            pipeline,
-            &mut adopter,
-            &mut annotator,
-            &mut decode_errors,
-        );
+        let r = intake.drain(pipeline);
         let r = r.and_then(|()| {
             if last_tick.elapsed() >= TICK_INTERVAL {
                 last_tick = Instant::now();
-                tracer.flush_logs();
+                intake.tracer.flush_logs();
                 pipeline.tick(kernel::monotonic_ns())?;
                 if let Some(m) = &opts.metrics {
-                    let k = tracer.counters();
-                    m.observe_kernel(&loss(&k, decode_errors), k.submitted, k.deferred);
+                    let k = intake.tracer.counters();
+                    m.observe_kernel(&loss(&k, intake.decode_errors), k.submitted, k.deferred);
                     let engine = pipeline.engine();
                     m.observe_engine(&engine.stats(), &engine.current_state_counts());
                 }
@@ -312,13 +314,7 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
                     Ok(gone) if !gone.is_empty() => {
                         // An end that happened before the lookups is in the ring buffer
                         // by now: it goes in first, and that connection is not retired.
-                        drain(
-                            &mut tracer,
-                            pipeline,
-                            &mut adopter,
-                            &mut annotator,
-                            &mut decode_errors,
-                        )?;
+                        intake.drain(pipeline)?;
                         let n = pipeline.retire_vanished(&gone, kernel::monotonic_ns())?;
                         log::debug!("{n} connections retired: the kernel no longer has them");
                     }
@@ -344,27 +340,20 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
     };
     // What is already in the ring buffer was captured: it goes out before we stop.
     if stop != Stop::BrokenPipe {
-        drain(
-            &mut tracer,
-            pipeline,
-            &mut adopter,
-            &mut annotator,
-            &mut decode_errors,
-        )
-        .context("writing output")?;
+        intake.drain(pipeline).context("writing output")?;
         pipeline
             .finish(kernel::monotonic_ns())
             .context("writing output")?;
     }
-    tracer.flush_logs();
-    let counters = tracer.counters();
+    intake.tracer.flush_logs();
+    let counters = intake.tracer.counters();
     if counters.deferred > 0 {
         log::info!(
             "{} connection ends found the ring buffer full and were delivered late, from the kernel's overflow queue",
             counters.deferred
         );
     }
-    let loss = loss(&counters, decode_errors);
+    let loss = loss(&counters, intake.decode_errors);
     let summary = RunSummary {
         transitions: pipeline.transitions(),
         lost: loss.total(),
@@ -386,35 +375,47 @@ fn loss(k: &KernelCounters, decode_errors: u64) -> Loss {
     }
 }
 
-fn drain(
-    tracer: &mut Tracer,
-    pipeline: &mut Pipeline,
-    adopter: &mut Adopter,
-    annotator: &mut Annotator,
-    decode_errors: &mut u64,
-) -> io::Result<()> {
-    let mut result = Ok(());
-    tracer.drain(|bytes| match decode(bytes) {
-        Ok(mut t) => {
-            if !annotator.annotate(&mut t) {
-                return;
+/// What turns the ring buffer's bytes into the pipeline's transitions: the tracer, the
+/// start-up snapshot's seeds, the cgroup annotations, and the bytes that did not decode.
+struct Intake {
+    tracer: Tracer,
+    adopter: Adopter,
+    annotator: Annotator,
+    decode_errors: u64,
+}
+
+impl Intake {
+    /// Feeds everything the ring buffer (and the deferred queue) holds now.
+    fn drain(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
+        let Intake {
+            tracer,
+            adopter,
+            annotator,
+            decode_errors,
+        } = self;
+        let mut result = Ok(());
+        tracer.drain(|bytes| match decode(bytes) {
+            Ok(mut t) => {
+                if !annotator.annotate(&mut t) {
+                    return;
+                }
+                let r = match adopter.adopt(&mut t) {
+                    Adopted::Feed => pipeline.feed(&t),
+                    Adopted::ForgetSeedThenFeed(seed) => pipeline
+                        .forget(seed, t.ts_ns)
+                        .and_then(|()| pipeline.feed(&t)),
+                };
+                if let Err(e) = r {
+                    result = Err(e);
+                }
             }
-            let r = match adopter.adopt(&mut t) {
-                Adopted::Feed => pipeline.feed(&t),
-                Adopted::ForgetSeedThenFeed(seed) => pipeline
-                    .forget(seed, t.ts_ns)
-                    .and_then(|()| pipeline.feed(&t)),
-            };
-            if let Err(e) = r {
-                result = Err(e);
+            Err(e) => {
+                *decode_errors += 1;
+                log::warn!("undecodable event from the kernel: {e}");
             }
-        }
-        Err(e) => {
-            *decode_errors += 1;
-            log::warn!("undecodable event from the kernel: {e}");
-        }
-    });
-    result
+        });
+        result
+    }
 }
 
 /// Collects outputs for callers that inspect them (demo, tests).

@@ -94,17 +94,6 @@ impl Pipeline {
         self.dispatch()
     }
 
-    /// Connections to check against the kernel (see `Engine::idle_connections`).
-    pub fn idle_connections(
-        &mut self,
-        now_ns: u64,
-        idle_ns: u64,
-        netns: u32,
-        max: usize,
-    ) -> Vec<crate::engine::IdleConn> {
-        self.engine.idle_connections(now_ns, idle_ns, netns, max)
-    }
-
     /// Retires the connections among `conn_ids` the engine still has (see
     /// `Engine::retire_vanished`); returns how many it retired.
     pub fn retire_vanished(&mut self, conn_ids: &[u64], now_ns: u64) -> io::Result<u64> {

@@ -338,42 +338,60 @@ fn dump_foreign_netns(netns: u64, path: &Path, out: &mut Vec<SnapSocket>) -> Res
 /// Dumps every IPv4 and IPv6 TCP socket of the calling thread's network namespace (a
 /// netlink socket answers for the namespace it was created in).
 fn dump_current_netns(netns: u64, out: &mut Vec<SnapSocket>) -> Result<(), SnapshotError> {
-    let socket = Socket::new(NETLINK_SOCK_DIAG).map_err(|source| SnapshotError::Netlink {
-        what: "socket",
-        source,
-    })?;
+    let socket = diag_socket()?;
     let mut buf = vec![0u8; RECV_BUF_LEN];
     for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        header.sequence_number = seq;
-        let mut request = NetlinkMessage::new(
-            header,
-            SockDiagMessage::InetRequest(InetRequest {
-                family,
-                protocol: IPPROTO_TCP,
-                extensions: ExtensionFlags::empty(),
-                // Every state ss -a asks for; the kernel adds request sockets for SYN_RECV.
-                states: StateFlags::all(),
-                socket_id: if family == AF_INET {
-                    SocketId::new_v4()
-                } else {
-                    SocketId::new_v6()
-                },
-            })
-            .into(),
-        );
-        request.finalize();
-        let mut bytes = vec![0u8; request.buffer_len()];
-        request.serialize(&mut bytes);
-        socket
-            .send(&bytes, 0)
-            .map_err(|source| SnapshotError::Netlink {
-                what: "request",
-                source,
-            })?;
+        let any = if family == AF_INET {
+            SocketId::new_v4()
+        } else {
+            SocketId::new_v6()
+        };
+        let flags = NLM_F_REQUEST | NLM_F_DUMP;
+        send_tcp_request(&socket, flags, seq, family, any, "request")?;
         receive_dump(&socket, &mut buf, seq, netns, out)?;
     }
+    Ok(())
+}
+
+/// A sock_diag socket, answering for the calling thread's network namespace.
+fn diag_socket() -> Result<Socket, SnapshotError> {
+    Socket::new(NETLINK_SOCK_DIAG).map_err(|source| SnapshotError::Netlink {
+        what: "socket",
+        source,
+    })
+}
+
+/// Sends one sock_diag request for TCP sockets of `family` in every state (`ss -a`'s; the
+/// kernel adds request sockets for SYN_RECV): a dump with `NLM_F_DUMP`, else the exact
+/// lookup of the socket `id` names.
+fn send_tcp_request(
+    socket: &Socket,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    id: SocketId,
+    what: &'static str,
+) -> Result<(), SnapshotError> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: id,
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut bytes = vec![0u8; request.buffer_len()];
+    request.serialize(&mut bytes);
+    socket
+        .send(&bytes, 0)
+        .map_err(|source| SnapshotError::Netlink { what, source })?;
     Ok(())
 }
 
@@ -388,12 +406,8 @@ pub struct Prober {
 
 impl Prober {
     pub fn new() -> Result<Prober, SnapshotError> {
-        let socket = Socket::new(NETLINK_SOCK_DIAG).map_err(|source| SnapshotError::Netlink {
-            what: "socket",
-            source,
-        })?;
         Ok(Prober {
-            socket,
+            socket: diag_socket()?,
             buf: vec![0u8; RECV_BUF_LEN],
             seq: 0,
         })
@@ -437,34 +451,17 @@ impl Prober {
             _ => ip,
         };
         self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST;
-        header.sequence_number = self.seq;
-        let mut request = NetlinkMessage::new(
-            header,
-            SockDiagMessage::InetRequest(InetRequest {
-                family: if v4 { AF_INET } else { AF_INET6 },
-                protocol: IPPROTO_TCP,
-                extensions: ExtensionFlags::empty(),
-                states: StateFlags::all(),
-                socket_id: SocketId {
-                    source_port: local.port(),
-                    destination_port: remote.port(),
-                    source_address: as_family(local.ip()),
-                    destination_address: as_family(remote.ip()),
-                    interface_id: ifindex,
-                    // INET_DIAG_NOCOOKIE: any socket with these addresses.
-                    cookie: [0xff; 8],
-                },
-            })
-            .into(),
-        );
-        request.finalize();
-        let mut bytes = vec![0u8; request.buffer_len()];
-        request.serialize(&mut bytes);
-        self.socket
-            .send(&bytes, 0)
-            .map_err(|e| netlink("lookup", e))?;
+        let id = SocketId {
+            source_port: local.port(),
+            destination_port: remote.port(),
+            source_address: as_family(local.ip()),
+            destination_address: as_family(remote.ip()),
+            interface_id: ifindex,
+            // INET_DIAG_NOCOOKIE: any socket with these addresses.
+            cookie: [0xff; 8],
+        };
+        let family = if v4 { AF_INET } else { AF_INET6 };
+        send_tcp_request(&self.socket, NLM_F_REQUEST, self.seq, family, id, "lookup")?;
         let decode = |e: netlink_packet_core::DecodeError| SnapshotError::Decode(e.to_string());
         loop {
             let n = self

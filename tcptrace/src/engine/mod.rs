@@ -114,8 +114,6 @@ pub struct Engine {
     books: Books,
     rules: Vec<Box<dyn Rule>>,
     alerts: Vec<Alert>,
-    /// Where `idle_connections` goes on from.
-    sweep_at: u32,
 }
 
 /// A connection to look up in the kernel (see [`Engine::idle_connections`]).
@@ -150,7 +148,6 @@ impl Engine {
             },
             rules,
             alerts: Vec::new(),
-            sweep_at: 0,
         }
     }
 
@@ -269,21 +266,23 @@ impl Engine {
 
     /// Up to `max` connections of network namespace `netns` with no event for `idle_ns`,
     /// for a check against the kernel's sockets ([`Engine::retire_vanished`] for those it
-    /// no longer has). Continues where the previous call stopped, so that successive calls
-    /// sweep all connections however many there are.
+    /// no longer has), looking from slot `from` on. Returns them and where the next call
+    /// goes on from, so that successive calls sweep all connections however many there are.
     pub fn idle_connections(
-        &mut self,
+        &self,
+        from: u32,
         now_ns: u64,
         idle_ns: u64,
         netns: u32,
         max: usize,
-    ) -> Vec<IdleConn> {
+    ) -> (Vec<IdleConn>, u32) {
         let mut found = Vec::new();
         let high = self.slab.high();
+        let mut next = from;
         let mut looked = 0u32;
         while looked < high && found.len() < max {
-            let s = self.sweep_at % high.max(1);
-            self.sweep_at = s + 1;
+            let s = next % high;
+            next = s + 1;
             looked += 1;
             let c = self.slab.get(s);
             if c.is_free() || c.netns != netns || now_ns.saturating_sub(c.last_ts) < idle_ns {
@@ -308,7 +307,7 @@ impl Engine {
                 remote,
             });
         }
-        found
+        (found, next)
     }
 
     /// Retires a connection whose socket the kernel no longer has: its end was lost, so it

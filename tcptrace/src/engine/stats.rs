@@ -52,7 +52,8 @@ pub struct EngineStats {
     /// Connections dropped to stay under `max_connections`.
     pub evicted: u64,
     pub illegal: u64,
-    /// Transitions whose old state was not the state last seen (events were lost).
+    /// Transitions whose old state was not the state last seen, and connections retired
+    /// because their socket vanished unseen (events were lost either way).
     pub gaps: u64,
     /// Connections first seen mid-life.
     pub partial_starts: u64,

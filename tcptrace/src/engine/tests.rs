@@ -498,13 +498,17 @@ fn idle_connections_are_offered_by_namespace_and_swept_in_turn() {
     let mut later = b.ev(8 * S, SynSent, Established);
     later.meta.netns = 100;
     sim.feed(&later);
+    // The sweep's cursor, as the caller keeps it.
+    let mut at = 0;
+    let mut idle = |sim: &Sim, now: u64, netns: u32, max: usize| {
+        let (found, next) = sim.engine.idle_connections(at, now, 5 * S, netns, max);
+        at = next;
+        found
+    };
     let ids = |v: Vec<super::IdleConn>| v.iter().map(|c| c.conn_id).collect::<Vec<_>>();
+    assert_eq!(ids(idle(&sim, 10 * S, 100, 10)), [1]);
     assert_eq!(
-        ids(sim.engine.idle_connections(10 * S, 5 * S, 100, 10)),
-        [1]
-    );
-    assert_eq!(
-        sim.engine.idle_connections(10 * S, 5 * S, 100, 10)[0],
+        idle(&sim, 10 * S, 100, 10)[0],
         super::IdleConn {
             conn_id: 1,
             local: a.local,
@@ -512,15 +516,16 @@ fn idle_connections_are_offered_by_namespace_and_swept_in_turn() {
         }
     );
     // At 20 s both are idle; one per call, in turn, then round again.
-    let one = |sim: &mut Sim| ids(sim.engine.idle_connections(20 * S, 5 * S, 100, 1));
-    let (first, second, third) = (one(&mut sim), one(&mut sim), one(&mut sim));
+    let first = ids(idle(&sim, 20 * S, 100, 1));
+    let second = ids(idle(&sim, 20 * S, 100, 1));
+    let third = ids(idle(&sim, 20 * S, 100, 1));
     assert_eq!(
         [first.clone(), second].concat(),
         [1, 2],
         "each once per round"
     );
     assert_eq!(third, first, "the sweep goes round");
-    assert!(ids(sim.engine.idle_connections(20 * S, 5 * S, 300, 10)).is_empty());
+    assert!(ids(idle(&sim, 20 * S, 300, 10)).is_empty());
 }
 
 /// A connection whose socket the kernel no longer has goes out whole as a partial

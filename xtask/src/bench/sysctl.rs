@@ -4,52 +4,68 @@ use std::os::fd::{FromRawFd as _, OwnedFd, RawFd};
 
 use anyhow::{Context as _, Result};
 
-/// Keeps TIME_WAIT reuse on for loopback while the bench runs (the client side leaves a
-/// TIME_WAIT socket per connection, and ephemeral ports would run out), and restores the
-/// previous value on drop. 2 (the default: loopback only) already does, so it is left alone.
-pub struct TwReuse {
+/// A sysctl set to another value for the bench's duration when it holds a given one, and
+/// restored on drop.
+struct Override {
+    path: &'static str,
     previous: String,
     changed: bool,
 }
+
+impl Override {
+    /// Writes `to` to `path` if it reads `from`.
+    fn apply(path: &'static str, from: &str, to: &str) -> std::io::Result<Override> {
+        let previous = std::fs::read_to_string(path)?.trim().to_owned();
+        let changed = previous == from;
+        if changed {
+            std::fs::write(path, to)?;
+        }
+        Ok(Override {
+            path,
+            previous,
+            changed,
+        })
+    }
+}
+
+impl Drop for Override {
+    fn drop(&mut self) {
+        if self.changed
+            && let Err(e) = std::fs::write(self.path, &self.previous)
+        {
+            eprintln!(
+                "bench: could not restore {} to {}: {e}",
+                self.path, self.previous
+            );
+        }
+    }
+}
+
+/// Keeps TIME_WAIT reuse on for loopback while the bench runs (the client side leaves a
+/// TIME_WAIT socket per connection, and ephemeral ports would run out), and restores the
+/// previous value on drop. 2 (the default: loopback only) already does, so it is left alone.
+pub struct TwReuse(Override);
 
 const TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
 
 impl TwReuse {
     pub fn ensure() -> Result<TwReuse> {
-        let previous = std::fs::read_to_string(TW_REUSE)
-            .with_context(|| format!("read {TW_REUSE}"))?
-            .trim()
-            .to_owned();
-        let changed = previous == "0";
-        if changed {
-            std::fs::write(TW_REUSE, "1").with_context(|| {
+        Override::apply(TW_REUSE, "0", "1")
+            .map(TwReuse)
+            .with_context(|| {
                 format!("set {TW_REUSE} to 1 for the bench (run as root, or set it yourself)")
-            })?;
-        }
-        Ok(TwReuse { previous, changed })
+            })
     }
 
     pub fn describe(&self) -> String {
-        if self.changed {
+        let o = &self.0;
+        if o.changed {
             format!(
                 "net.ipv4.tcp_tw_reuse=1 during the bench (restored to {})",
-                self.previous
+                o.previous
             )
         } else {
-            format!("net.ipv4.tcp_tw_reuse={} (unchanged)", self.previous)
-        }
-    }
-}
-
-impl Drop for TwReuse {
-    fn drop(&mut self) {
-        if self.changed
-            && let Err(e) = std::fs::write(TW_REUSE, &self.previous)
-        {
-            eprintln!(
-                "bench: could not restore {TW_REUSE} to {}: {e}",
-                self.previous
-            );
+            format!("net.ipv4.tcp_tw_reuse={} (unchanged)", o.previous)
         }
     }
 }
@@ -96,37 +112,29 @@ impl BpfStats {
 /// counted rounds too: they are off for the bench's duration, and restored on drop. The
 /// BPF time round still gets its stats through its own `BpfStats` fd.
 pub struct StatsSysctlOff {
-    was_on: bool,
+    /// Held for its drop, which restores the sysctl.
+    _restore: Option<Override>,
 }
 
 const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl StatsSysctlOff {
     pub fn ensure() -> StatsSysctlOff {
-        let was_on = std::fs::read_to_string(BPF_STATS_SYSCTL).is_ok_and(|v| v.trim() == "1");
-        if was_on {
-            match std::fs::write(BPF_STATS_SYSCTL, "0") {
-                Ok(()) => eprintln!(
-                    "bench: kernel.bpf_stats_enabled was 1 (stats on every program run): 0 during the bench, restored after"
-                ),
-                Err(e) => {
+        match Override::apply(BPF_STATS_SYSCTL, "1", "0") {
+            Ok(o) => {
+                if o.changed {
                     eprintln!(
-                        "bench: kernel.bpf_stats_enabled is 1 and could not be turned off ({e}): every tracer's figures include the stats' cost"
+                        "bench: kernel.bpf_stats_enabled was 1 (stats on every program run): 0 during the bench, restored after"
                     );
-                    return StatsSysctlOff { was_on: false };
                 }
+                StatsSysctlOff { _restore: Some(o) }
             }
-        }
-        StatsSysctlOff { was_on }
-    }
-}
-
-impl Drop for StatsSysctlOff {
-    fn drop(&mut self) {
-        if self.was_on
-            && let Err(e) = std::fs::write(BPF_STATS_SYSCTL, "1")
-        {
-            eprintln!("bench: could not restore {BPF_STATS_SYSCTL} to 1: {e}");
+            Err(e) => {
+                eprintln!(
+                    "bench: kernel.bpf_stats_enabled could not be read or turned off ({e}): if it is 1, every tracer's figures include the stats' cost"
+                );
+                StatsSysctlOff { _restore: None }
+            }
         }
     }
 }
