@@ -191,6 +191,9 @@ struct PendingCancel {
     /// then (once killed, the socket is freed).
     jiffies: u64,
     expires: u64,
+    /// The connection the timewait socket carried when cancelled: by the time the cancel
+    /// is settled, another CPU may have reused the freed socket's address for a new one.
+    conn_id: u64,
     substate: u8,
     _pad: [u8; 7],
 }
@@ -677,13 +680,17 @@ fn take_pending_tw(sport: u16) -> Option<(u64, u8)> {
 /// as last read: reported as `its state → CLOSE`, preceded by FIN_WAIT2 → TIME_WAIT if the
 /// peer's FIN moved it there silently (a rearm within the same timer-wheel bucket emits no
 /// timer tracepoint). That rearm set expires = then + 60 s, so the time it entered
-/// TIME_WAIT is known to a jiffy.
+/// TIME_WAIT is known to a jiffy. `conn_id` (0: any) is the connection it must still carry:
+/// if the address now holds another one, that one is not ended.
 #[inline(always)]
-fn end_tw(tw: u64, ts_ns: u64, jiffies: u64, substate: u8, expires: u64) {
+fn end_tw(tw: u64, conn_id: u64, ts_ns: u64, jiffies: u64, substate: u8, expires: u64) {
     // SAFETY: a map value copied out.
     let Some(mut info) = (unsafe { TWS.get(tw) }).copied() else {
         return;
     };
+    if conn_id != 0 && info.conn_id != conn_id {
+        return;
+    }
     let _ = TWS.remove(tw);
     // SAFETY: helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
@@ -703,6 +710,24 @@ fn end_tw(tw: u64, ts_ns: u64, jiffies: u64, substate: u8, expires: u64) {
         info.state = TCP_TIME_WAIT;
     }
     emit(&info, tw, info.state, TCP_CLOSE, flags, cpu, ts_ns);
+}
+
+/// The local and remote port of the timewait socket at `tw`.
+#[inline(always)]
+fn tw_ports(tw: u64) -> Option<(u16, u16)> {
+    let sport = kread::<u16>(tw, ro(&KOFFS.skc_num)).ok()?;
+    let dport = kread::<u16>(tw, ro(&KOFFS.skc_dport)).ok()?;
+    Some((sport, u16::from_be(dport)))
+}
+
+/// Whether the connection `info`, tracked at timewait socket address `tw`, is no longer
+/// the one there: its socket was killed (for reuse of its port, or by a reset) and freed,
+/// and the address now holds a new timewait socket, while the cancel that would have ended
+/// the old one is still pending on the CPU that killed it. The new socket has other ports,
+/// or is in FIN_WAIT2 where the old one had reached TIME_WAIT, which it never leaves.
+#[inline(always)]
+fn tw_entry_stale(info: &SockInfo, ports: (u16, u16), substate: u8) -> bool {
+    (info.sport, info.dport) != ports || (info.state == TCP_TIME_WAIT && substate == TCP_FIN_WAIT2)
 }
 
 /// A timewait socket we never saw created (it predates the program): starts following it
@@ -771,32 +796,63 @@ fn adopt_unknown_tw(tw: u64, substate: u8) -> bool {
 /// socket was killed then, and its end is reported now, with the cancel's time.
 #[inline(always)]
 fn settle_cancel(tw: u64) -> bool {
-    // Without the timewait hooks nothing is ever pending: no lookup on every event (a
-    // read-only global, so the verifier drops the branch it rules out).
-    if ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 {
-        return false;
-    }
-    let Some(p) = PENDING_CANCEL.get_ptr_mut(0) else {
+    let Some(slot) = pending_cancel() else {
         return false;
     };
-    // SAFETY: per-CPU slot; our programs don't nest on one CPU.
-    let slot = unsafe { &mut *p };
     let pending = slot.tw;
-    if pending == 0 {
-        return false;
-    }
     slot.tw = 0;
     if pending == tw {
         return true;
     }
+    conclude_cancel(pending, slot);
+    false
+}
+
+/// This CPU's pending cancel, if there is one.
+#[inline(always)]
+fn pending_cancel() -> Option<&'static mut PendingCancel> {
+    // Without the timewait hooks nothing is ever pending: no lookup on every event (a
+    // read-only global, so the verifier drops the branch it rules out).
+    if ro(&KOFFS.valid) & KOFF_TIMEWAIT == 0 {
+        return None;
+    }
+    let p = PENDING_CANCEL.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot; our programs don't nest on one CPU.
+    let slot = unsafe { &mut *p };
+    (slot.tw != 0).then_some(slot)
+}
+
+/// The end of timewait socket `tw`, killed when `slot`'s cancel was taken.
+#[inline(always)]
+fn conclude_cancel(tw: u64, slot: &PendingCancel) {
     end_tw(
-        pending,
+        tw,
+        slot.conn_id,
         slot.ts_ns,
         slot.jiffies,
         slot.substate,
         slot.expires,
     );
-    false
+}
+
+/// Ends the connection `info` tracked at `tw` whose socket is gone (`tw_entry_stale`):
+/// with the time of its kill if the cancel that would have concluded it is pending on this
+/// CPU, otherwise now. Its kill was a moment ago on another CPU then, which finds the
+/// entry gone (or holding another connection) when it settles that cancel.
+#[inline(always)]
+fn end_stale_tw(tw: u64, info: &SockInfo) {
+    if let Some(slot) = pending_cancel()
+        && slot.tw == tw
+        && slot.conn_id == info.conn_id
+    {
+        slot.tw = 0;
+        conclude_cancel(tw, slot);
+        return;
+    }
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    emit(info, tw, info.state, TCP_CLOSE, EVENT_F_TIMEWAIT, cpu, 0);
+    let _ = TWS.remove(tw);
 }
 
 /// Whether a timer with this function is a timewait socket's (and we follow them).
@@ -826,10 +882,21 @@ pub fn tw_timer_start(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let tw = tw_of_timer(timer);
-    let rearm = settle_cancel(tw);
-    let Ok(substate) = kread::<u8>(tw, ro(&KOFFS.tw_substate)) else {
+    let (Some(ports), Ok(substate)) = (tw_ports(tw), kread::<u8>(tw, ro(&KOFFS.tw_substate)))
+    else {
+        settle_cancel(0);
         return 0;
     };
+    // A connection tracked at this address whose socket is not the one there any more ends
+    // first; the socket here is then a new one, waiting for its connection's handoff.
+    if let Some(p) = TWS.get_ptr_mut(tw) {
+        // SAFETY: a map value we hold no other reference to.
+        let info = unsafe { &*p };
+        if tw_entry_stale(info, ports, substate) {
+            end_stale_tw(tw, info);
+        }
+    }
+    let rearm = settle_cancel(tw);
     if let Some(p) = TWS.get_ptr_mut(tw) {
         // SAFETY: a map value we hold no other reference to.
         let info = unsafe { &mut *p };
@@ -845,14 +912,11 @@ pub fn tw_timer_start(ctx: TracePointContext) -> u32 {
     if rearm {
         return 0;
     }
-    let Ok(sport) = kread::<u16>(tw, ro(&KOFFS.skc_num)) else {
-        return 0;
-    };
     if let Some(p) = PENDING_TW.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; our programs don't nest on one CPU.
         unsafe {
             (*p).tw = tw;
-            (*p).sport = sport;
+            (*p).sport = ports.0;
             (*p).substate = substate;
         }
     }
@@ -887,7 +951,7 @@ pub fn tw_timer_expire(ctx: TracePointContext) -> u32 {
     if unsafe { TWS.get(tw) }.is_none() && !adopt_unknown_tw(tw, substate) {
         return 0;
     }
-    end_tw(tw, now_ns, now, substate, expires);
+    end_tw(tw, 0, now_ns, now, substate, expires);
     0
 }
 
@@ -911,10 +975,15 @@ pub fn tw_timer_cancel(ctx: TracePointContext) -> u32 {
     let tw = tw_of_timer(timer);
     settle_cancel(tw);
     let substate = kread::<u8>(tw, ro(&KOFFS.tw_substate)).unwrap_or(0);
-    // SAFETY: map lookup of a plain value.
-    if unsafe { TWS.get(tw) }.is_none() && !adopt_unknown_tw(tw, substate) {
-        return 0;
-    }
+    // SAFETY: map lookups of a plain value.
+    let conn_id = match unsafe { TWS.get(tw) } {
+        Some(info) => info.conn_id,
+        None if adopt_unknown_tw(tw, substate) => match unsafe { TWS.get(tw) } {
+            Some(info) => info.conn_id,
+            None => return 0,
+        },
+        None => return 0,
+    };
     let expires = kread::<u64>(timer, ro(&KOFFS.timer_expires)).unwrap_or(0);
     if let Some(p) = PENDING_CANCEL.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; our programs don't nest on one CPU.
@@ -924,6 +993,7 @@ pub fn tw_timer_cancel(ctx: TracePointContext) -> u32 {
             (*p).jiffies = bpf_jiffies64();
             (*p).substate = substate;
             (*p).expires = expires;
+            (*p).conn_id = conn_id;
         }
     }
     0
