@@ -110,13 +110,19 @@ pub const EVENT_F_ACCEPT: u32 = 1 << 5;
 /// The event is about the socket's timewait mini-socket (TIME_WAIT, or FIN_WAIT2 after
 /// the application closed), which the kernel's state tracepoint never reports.
 pub const EVENT_F_TIMEWAIT: u32 = 1 << 6;
+/// Not a state change (`oldstate == newstate`, its last known state): the connection's
+/// socket is gone, its end unseen. A new life started at its socket's address, which the
+/// kernel frees only after the socket's end; that end was lost (a recursion miss).
+pub const EVENT_F_VANISHED: u32 = 1 << 7;
 
-/// Whether an event is no state change: an accept, or a timewait handoff (`old → old`).
+/// Whether an event is no state change: an accept, a timewait handoff (`old → old`), or a
+/// vanished connection.
 /// The program counts the ones it loses apart from transitions by this, and the daemon
 /// classifies the ones it receives by it, so the two always agree.
 #[inline(always)]
 pub fn changes_no_state(flags: u32, old: u8, new: u8) -> bool {
-    flags & EVENT_F_ACCEPT != 0 || (flags & EVENT_F_TIMEWAIT != 0 && old == new)
+    flags & (EVENT_F_ACCEPT | EVENT_F_VANISHED) != 0
+        || (flags & EVENT_F_TIMEWAIT != 0 && old == new)
 }
 
 /// Bytes at the start of the `inet_sock_set_state` record the program copies with direct

@@ -22,12 +22,12 @@ use tcptrace_common::{
     AF_INET, AF_INET6, COUNTER_COUNT, COUNTER_DEFERRED, COUNTER_FILTERED, COUNTER_READ_ERROR,
     COUNTER_RINGBUF_FULL, COUNTER_RINGBUF_FULL_OTHER, COUNTER_SOCK_MAP_FULL, COUNTER_SUBMITTED,
     Cidr, DEFERRED_CLOSES, EVENT_F_ACCEPT, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN,
-    EVENT_F_TIMEWAIT, EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED, FILTER_COMM, FILTER_FAMILY,
-    FILTER_LADDR, FILTER_NETNS, FILTER_PID, FILTER_PORTS, FILTER_RADDR, Filter, IPPROTO_TCP,
-    KOFF_ACCEPT, KOFF_NETNS, KOFF_TIMEWAIT, KernelOffsets, MAX_FILTER_PORTS, OWNER_SRC_ACCEPT,
-    OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_LISTENER, OWNER_SRC_NONE,
-    Owner, SOCK_MAP_ENTRIES, SockInfo, StateEvent, TP_RECORD_BYTES, TracepointLayout,
-    changes_no_state,
+    EVENT_F_TIMEWAIT, EVENT_F_UNACCEPTED, EVENT_F_UNTRACKED, EVENT_F_VANISHED, FILTER_COMM,
+    FILTER_FAMILY, FILTER_LADDR, FILTER_NETNS, FILTER_PID, FILTER_PORTS, FILTER_RADDR, Filter,
+    IPPROTO_TCP, KOFF_ACCEPT, KOFF_NETNS, KOFF_TIMEWAIT, KernelOffsets, MAX_FILTER_PORTS,
+    OWNER_SRC_ACCEPT, OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN, OWNER_SRC_LISTENER,
+    OWNER_SRC_NONE, Owner, SOCK_MAP_ENTRIES, SockInfo, StateEvent, TP_RECORD_BYTES,
+    TracepointLayout, changes_no_state,
 };
 
 const TCP_ESTABLISHED: u8 = 1;
@@ -545,10 +545,15 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let starts_life = (old == TCP_CLOSE && (new == TCP_SYN_SENT || new == TCP_LISTEN))
         || (old == TCP_LISTEN && new == TCP_SYN_RECV);
     let mut flags = 0u32;
+    let found = SOCKS.get_ptr_mut(skaddr);
     let existing = if starts_life {
+        if let Some(p) = found {
+            // SAFETY: a map value we hold no other reference to; read only.
+            report_vanished(unsafe { &*p }, skaddr, filter_flags, cpu);
+        }
         None
     } else {
-        SOCKS.get_ptr_mut(skaddr)
+        found
     };
     // Built in place and never moved: a move of it is a memmove call (see `copy_words`).
     let mut slot = core::mem::MaybeUninit::<SockInfo>::uninit();
@@ -639,6 +644,25 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         bump(COUNTER_FILTERED);
     }
     Ok(())
+}
+
+/// A new life starts at `skaddr` while the map still holds `stale`, an earlier connection
+/// of that address: the kernel frees a socket only after its end, so that end happened and
+/// was missed (the kernel skipped this program: a recursion miss). The daemon is told, so
+/// that it stops tracking a connection that no longer exists.
+#[inline(always)]
+fn report_vanished(stale: &SockInfo, skaddr: u64, filter_flags: u32, cpu: u32) {
+    if keep_owner(filter_flags, &stale.owner) {
+        emit(
+            stale,
+            skaddr,
+            stale.state,
+            stale.state,
+            EVENT_F_VANISHED,
+            cpu,
+            0,
+        );
+    }
 }
 
 /// Reads a kernel value at `base + off`.

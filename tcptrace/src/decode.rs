@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 
 use tcptrace_common::{
     AF_INET, AF_INET6, EVENT_F_ACCEPT, EVENT_F_MIDLIFE, EVENT_F_NEW_CONN, EVENT_F_OWNER_KNOWN,
-    EVENT_F_UNACCEPTED, OWNER_SRC_ACCEPT, OWNER_SRC_CLOSE, OWNER_SRC_CONNECT, OWNER_SRC_LISTEN,
-    OWNER_SRC_LISTENER, Owner, STATE_EVENT_SIZE, StateEvent, changes_no_state,
+    EVENT_F_UNACCEPTED, EVENT_F_VANISHED, OWNER_SRC_ACCEPT, OWNER_SRC_CLOSE, OWNER_SRC_CONNECT,
+    OWNER_SRC_LISTEN, OWNER_SRC_LISTENER, Owner, STATE_EVENT_SIZE, StateEvent, changes_no_state,
 };
 
 use crate::event::{Comm, ConnMeta, EventKind, OwnerVia, Task, TcpState, Transition, ip_from_wire};
@@ -99,6 +99,8 @@ pub fn decode(buf: &[u8]) -> Result<Transition, DecodeError> {
     };
     let kind = if !changes_no_state(flags, old_raw, new_raw) {
         EventKind::State
+    } else if flags & EVENT_F_VANISHED != 0 {
+        EventKind::Vanished
     } else if flags & EVENT_F_ACCEPT != 0 {
         EventKind::Accept
     } else {
@@ -224,6 +226,15 @@ mod tests {
         let t = decode(&encode(&ev)).expect("valid event");
         assert_eq!(t.kind, EventKind::Accept);
         assert!(t.meta.unaccepted);
+        let mut gone = sample();
+        gone.flags = EVENT_F_VANISHED | EVENT_F_OWNER_KNOWN;
+        gone.oldstate = 4;
+        gone.newstate = 4;
+        let g = decode(&encode(&gone)).expect("valid event");
+        assert_eq!(
+            (g.kind, g.old, g.new),
+            (EventKind::Vanished, TcpState::FinWait1, TcpState::FinWait1)
+        );
         // The task that happened to run stays what it was.
         assert_eq!(t.task.pid, 4242);
     }

@@ -275,6 +275,11 @@ pub enum EventKind {
     /// Not a state change (`old == new`): the socket was found in this state by the
     /// start-up snapshot; it predates the tracer, so its history before is unknown.
     Present,
+    /// Not a state change (`old == new`, its last known state): the connection's socket
+    /// is gone and its end was never seen (the kernel program missed it). Known because a
+    /// new life started at the socket's address, which the kernel reuses only once the
+    /// socket is freed.
+    Vanished,
 }
 
 impl EventKind {
@@ -285,6 +290,7 @@ impl EventKind {
             EventKind::Accept => "accept",
             EventKind::Handoff => "handoff",
             EventKind::Present => "present",
+            EventKind::Vanished => "vanished",
         }
     }
 
@@ -295,6 +301,7 @@ impl EventKind {
             EventKind::Accept,
             EventKind::Handoff,
             EventKind::Present,
+            EventKind::Vanished,
         ]
         .into_iter()
         .find(|k| k.record_type() == s)

@@ -160,6 +160,20 @@ impl Engine {
     /// lifecycle of a superseded identity (rare), this event's `Transition` record, the
     /// `Lifecycle` it ended (if any), alerts, then an eviction's lifecycle and alerts.
     pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Output>) {
+        if t.kind == EventKind::Vanished {
+            // Its record goes out as it came (so a replay of the log retires it too),
+            // then the lifecycle of the connection, cut where its end was lost.
+            out.push(Output::Transition(TransitionRecord {
+                t: *t,
+                in_old_state_ns: None,
+                owner: t.owner,
+                role: Role::Unknown,
+                legal: true,
+                gap: false,
+            }));
+            self.retire_vanished(t.conn_id, t.ts_ns, out);
+            return;
+        }
         // Accepts and handoffs are no state change: legal by definition.
         let legal = t.kind != EventKind::State || is_legal(t.old, t.new);
         self.books.stats.transitions += 1;

@@ -3,6 +3,7 @@
 
 use super::testkit::*;
 use super::{CloseKind, EndReason, Family, LifecycleRecord, Output, Role};
+use crate::event::EventKind;
 use crate::event::TcpState::{self, *};
 
 const US: u64 = 1_000;
@@ -551,4 +552,49 @@ fn a_vanished_connection_is_retired_as_a_gap() {
     assert_eq!((st.vanished, st.tracked, st.lifecycles_partial), (1, 0, 1));
     assert_eq!(sim.engine.current_state_counts()[FinWait1 as usize], 0);
     assert!(!sim.engine.retire_vanished(1, 71 * S, &mut out));
+}
+
+/// The kernel program's word that a connection's socket is gone (a new life began at its
+/// address) retires it like a failed lookup does, and its record goes out for a replay;
+/// for a connection the engine no longer has, only the record goes out.
+#[test]
+fn a_vanished_event_retires_its_connection() {
+    let mut sim = Sim::default();
+    let s = Sock::new(1, "10.0.0.1:4001", "10.0.0.9:80", task(7, "app"));
+    sim.run(&[
+        s.ev(S, Close, SynSent),
+        s.ev(2 * S, SynSent, Established),
+        s.ev(3 * S, Established, FinWait1),
+    ]);
+    let mut gone = s.ev(9 * S, FinWait1, FinWait1);
+    gone.kind = EventKind::Vanished;
+    let out = sim.feed(&gone);
+    let recs = records(&out);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        (recs[0].t.kind, recs[0].legal, recs[0].gap),
+        (EventKind::Vanished, true, false)
+    );
+    let l = one_lifecycle(&out);
+    assert_eq!(
+        (l.end, l.close_kind, l.gap, l.complete, l.end_ts_ns),
+        (EndReason::Vanished, None, true, false, 9 * S)
+    );
+    assert_eq!(
+        path_str(l),
+        format!(
+            "CLOSE@? SYN_SENT@{} ESTABLISHED@{} FIN_WAIT1@{}",
+            S,
+            2 * S,
+            3 * S
+        )
+    );
+    let st = sim.engine.stats();
+    assert_eq!((st.vanished, st.tracked, st.gaps), (1, 0, 1));
+    assert_eq!(sim.engine.current_state_counts()[FinWait1 as usize], 0);
+
+    let again = sim.feed(&gone);
+    assert_eq!(records(&again).len(), 1);
+    assert!(lifecycles(&again).is_empty());
+    assert_eq!(sim.engine.stats().vanished, 1);
 }

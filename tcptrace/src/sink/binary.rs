@@ -54,11 +54,12 @@ pub const RECORD: usize = 153;
 /// Room for a record line at worst: the tag, every byte escaped, the newline.
 pub const MAX_LINE: usize = 1 + 2 * RECORD + 1;
 
-const KINDS: [EventKind; 4] = [
+const KINDS: [EventKind; 5] = [
     EventKind::State,
     EventKind::Accept,
     EventKind::Handoff,
     EventKind::Present,
+    EventKind::Vanished,
 ];
 const STARTS_CONN: u8 = 1;
 const MIDLIFE: u8 = 2;
@@ -488,7 +489,7 @@ mod tests {
             r[at] = v;
             decode(&frame(&r))
         };
-        assert_eq!(field(0, 4), Err(RecordError::Field("kind")));
+        assert_eq!(field(0, KINDS.len() as u8), Err(RecordError::Field("kind")));
         assert_eq!(field(1, 0), Err(RecordError::Field("old state")));
         assert_eq!(field(2, 14), Err(RecordError::Field("new state")));
         assert_eq!(field(3, 32), Err(RecordError::Field("flags")));

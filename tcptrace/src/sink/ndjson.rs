@@ -536,13 +536,20 @@ mod tests {
             // Only an owner the kernel recorded is replayed; an inferred one is re-derived.
             assert_eq!(back, r.t, "kernel_owner={kernel_owner}");
             assert_eq!(parse_transition_json(&buf), Ok(Some(r.t)), "serde path");
-            let mut a = r;
-            a.t.kind = EventKind::Accept;
-            buf.clear();
-            encode_transition(&mut buf, &WallClock::identity(), &a);
-            assert!(buf.starts_with("{\"type\":\"accept\""), "{buf}");
-            assert_eq!(parse_transition(&buf), Ok(Some(a.t)));
-            assert_eq!(parse_transition_json(&buf), Ok(Some(a.t)));
+            for (kind, name) in [
+                (EventKind::Accept, "accept"),
+                (EventKind::Handoff, "handoff"),
+                (EventKind::Present, "present"),
+                (EventKind::Vanished, "vanished"),
+            ] {
+                let mut a = r;
+                a.t.kind = kind;
+                buf.clear();
+                encode_transition(&mut buf, &WallClock::identity(), &a);
+                assert!(buf.starts_with(&format!("{{\"type\":\"{name}\"")), "{buf}");
+                assert_eq!(parse_transition(&buf), Ok(Some(a.t)), "{name}");
+                assert_eq!(parse_transition_json(&buf), Ok(Some(a.t)), "{name}");
+            }
         }
     }
 

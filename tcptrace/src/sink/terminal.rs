@@ -113,6 +113,7 @@ pub fn write_transition(
         EventKind::Accept => Some("accepted in"),
         EventKind::Handoff => Some("closed, timewait"),
         EventKind::Present => Some("present at start"),
+        EventKind::Vanished => Some("gone, end unseen, in"),
     };
     if let Some(what) = what {
         let len = what.len() + 1 + t.new.name().len();

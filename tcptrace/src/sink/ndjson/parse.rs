@@ -359,6 +359,7 @@ fn parse_own_line(line: &[u8]) -> Option<Transition> {
         b't' => c.lit(b"transition\"").map(|()| EventKind::State)?,
         b'a' => c.lit(b"accept\"").map(|()| EventKind::Accept)?,
         b'h' => c.lit(b"handoff\"").map(|()| EventKind::Handoff)?,
+        b'v' => c.lit(b"vanished\"").map(|()| EventKind::Vanished)?,
         _ => c.lit(b"present\"").map(|()| EventKind::Present)?,
     };
     c.lit(b",\"schema\":1,\"ts_ns\":")?;
