@@ -430,6 +430,10 @@ fn scraped_metrics_match_the_engine_and_the_connections_made() {
             engine.stats().tracked
         );
         assert_eq!(value(&sc, "tcptrace_connections_evicted_total", &[]), 0);
+        assert_eq!(
+            value(&sc, "tcptrace_connections_vanished_total", &[]),
+            engine.stats().vanished
+        );
         let counts = engine.current_state_counts();
         for (i, state) in NETSTAT_STATES.iter().enumerate() {
             assert_eq!(

@@ -113,6 +113,7 @@ pub struct Metrics {
     other_lost: Counter,
     tracked: U64Gauge,
     evicted: Counter,
+    vanished: Counter,
     alerts: Mutex<AlertBook>,
     /// Size of the last encoding, to allocate the next one at once.
     last_len: AtomicUsize,
@@ -267,6 +268,12 @@ impl Metrics {
             "Connections dropped while open to stay under --max-connections",
             evicted.clone(),
         );
+        let vanished = Counter::default();
+        reg.register(
+            "tcptrace_connections_vanished",
+            "Connections retired because their socket was gone while their end was never seen (a lost transition)",
+            vanished.clone(),
+        );
         let alerts = AlertBook {
             raised: Family::default(),
             active: Family::default(),
@@ -308,6 +315,7 @@ impl Metrics {
             other_lost,
             tracked,
             evicted,
+            vanished,
             alerts: Mutex::new(alerts),
             last_len: AtomicUsize::new(8 << 10),
         };
@@ -409,6 +417,7 @@ impl Metrics {
     pub fn observe_engine(&self, stats: &EngineStats, state_counts: &[u64; 14]) {
         self.tracked.set(stats.tracked);
         mirror(&self.evicted, stats.evicted);
+        mirror(&self.vanished, stats.vanished);
         for (g, n) in self.connections.iter().zip(&state_counts[1..]) {
             g.set(*n);
         }
@@ -418,6 +427,7 @@ impl Metrics {
     fn observe_summary(&self, s: &RunSummary) {
         self.observe_loss(&s.loss);
         mirror(&self.evicted, s.engine.evicted);
+        mirror(&self.vanished, s.engine.vanished);
     }
 
     /// The OpenMetrics text exposition of every metric, `# EOF` included.
@@ -688,6 +698,7 @@ mod tests {
         let stats = EngineStats {
             tracked: 7,
             evicted: 3,
+            vanished: 5,
             ..EngineStats::default()
         };
         let mut counts = [0u64; 14];
@@ -709,6 +720,7 @@ mod tests {
         assert_eq!(value(&sc, "tcptrace_other_events_lost_total", &[]), 4.0);
         assert_eq!(value(&sc, "tcptrace_connections_tracked", &[]), 7.0);
         assert_eq!(value(&sc, "tcptrace_connections_evicted_total", &[]), 3.0);
+        assert_eq!(value(&sc, "tcptrace_connections_vanished_total", &[]), 5.0);
         let c = "tcptrace_connections";
         assert_eq!(value(&sc, c, &[("state", "ESTABLISHED")]), 4.0);
         assert_eq!(value(&sc, c, &[("state", "CLOSE_WAIT")]), 2.0);
@@ -744,6 +756,7 @@ mod tests {
             ("tcptrace_other_events_lost", "counter"),
             ("tcptrace_connections_tracked", "gauge"),
             ("tcptrace_connections_evicted", "counter"),
+            ("tcptrace_connections_vanished", "counter"),
             ("tcptrace_output_write_errors", "counter"),
             ("tcptrace_build", "info"),
         ] {
