@@ -1107,11 +1107,13 @@ fn emit(info: &SockInfo, skaddr: u64, old: u8, new: u8, mut flags: u32, cpu: u32
     }
     const RECORD: u64 = 8 + core::mem::size_of::<StateEvent>() as u64;
     let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    // The last eighth of the ring buffer is kept for connection ends: under sustained
-    // overload the other events are lost anyway (and counted), and an end that gets through
-    // lets the daemon retire its connection instead of tracking it until evicted.
+    // The last eighth of the ring buffer is kept for connection ends (a vanished report is
+    // one too): under sustained overload the other events are lost anyway (and counted),
+    // and an end that gets through lets the daemon retire its connection instead of
+    // tracking it until evicted.
     let kept_for_ends = ro(&RING_BYTES) - ro(&RING_BYTES) / 8;
-    let reserved = if new == TCP_CLOSE || avail + RECORD <= kept_for_ends {
+    let is_end = new == TCP_CLOSE || flags & EVENT_F_VANISHED != 0;
+    let reserved = if is_end || avail + RECORD <= kept_for_ends {
         EVENTS.reserve::<StateEvent>(0)
     } else {
         None
