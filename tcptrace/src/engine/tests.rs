@@ -529,10 +529,8 @@ fn idle_connections_are_offered_by_namespace_and_swept_in_turn() {
     assert!(ids(idle(&sim, 20 * S, 300, 10)).is_empty());
 }
 
-/// A connection whose socket the kernel no longer has goes out whole as a partial
-/// lifecycle, marked as a gap, and is no longer tracked; a second retire is a no-op.
-#[test]
-fn a_vanished_connection_is_retired_as_a_gap() {
+/// Connection 1, a client that reached FIN_WAIT1 at 3 s and was heard of no more.
+fn stuck_in_fin_wait1() -> (Sim, Sock) {
     let mut sim = Sim::default();
     let s = Sock::new(1, "10.0.0.1:4001", "10.0.0.9:80", task(7, "app"));
     sim.run(&[
@@ -540,6 +538,14 @@ fn a_vanished_connection_is_retired_as_a_gap() {
         s.ev(2 * S, SynSent, Established),
         s.ev(3 * S, Established, FinWait1),
     ]);
+    (sim, s)
+}
+
+/// A connection whose socket the kernel no longer has goes out whole as a partial
+/// lifecycle, marked as a gap, and is no longer tracked; a second retire is a no-op.
+#[test]
+fn a_vanished_connection_is_retired_as_a_gap() {
+    let (mut sim, _) = stuck_in_fin_wait1();
     let mut out = Vec::new();
     assert!(sim.engine.retire_vanished(1, 70 * S, &mut out));
     let l = one_lifecycle(&out);
@@ -559,13 +565,7 @@ fn a_vanished_connection_is_retired_as_a_gap() {
 /// for a connection the engine no longer has, only the record goes out.
 #[test]
 fn a_vanished_event_retires_its_connection() {
-    let mut sim = Sim::default();
-    let s = Sock::new(1, "10.0.0.1:4001", "10.0.0.9:80", task(7, "app"));
-    sim.run(&[
-        s.ev(S, Close, SynSent),
-        s.ev(2 * S, SynSent, Established),
-        s.ev(3 * S, Established, FinWait1),
-    ]);
+    let (mut sim, s) = stuck_in_fin_wait1();
     let mut gone = s.ev(9 * S, FinWait1, FinWait1);
     gone.kind = EventKind::Vanished;
     let out = sim.feed(&gone);
