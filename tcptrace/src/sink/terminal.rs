@@ -113,7 +113,7 @@ pub fn write_transition(
         EventKind::Accept => Some("accepted in"),
         EventKind::Handoff => Some("closed, timewait"),
         EventKind::Present => Some("present at start"),
-        EventKind::Vanished => Some("gone, end unseen, in"),
+        EventKind::Vanished => Some("vanished in"),
     };
     if let Some(what) = what {
         let len = what.len() + 1 + t.new.name().len();
@@ -322,6 +322,46 @@ mod tests {
         assert_eq!(header.find("LOCAL"), line.find("127.0.0.1:40000"));
         assert_eq!(header.find("OLD -> NEW"), line.find("SYN_SENT"));
         assert_eq!(header.trim_end().len(), line.len());
+    }
+
+    #[test]
+    fn events_that_change_no_state_say_what_happened_in_the_same_columns() {
+        let clock = WallClock::identity();
+        let state = format_transition(&clock, &record(None, Some(52_000)));
+        for (kind, old, what) in [
+            (
+                EventKind::Accept,
+                TcpState::Established,
+                "accepted in ESTABLISHED",
+            ),
+            (
+                EventKind::Handoff,
+                TcpState::FinWait2,
+                "closed, timewait FIN_WAIT2",
+            ),
+            (
+                EventKind::Present,
+                TcpState::CloseWait,
+                "present at start CLOSE_WAIT",
+            ),
+            // The longest state name: still inside the OLD -> NEW column.
+            (
+                EventKind::Vanished,
+                TcpState::SynRecv,
+                "vanished in SYN_RECV",
+            ),
+            (
+                EventKind::Vanished,
+                TcpState::CloseWait,
+                "vanished in CLOSE_WAIT",
+            ),
+        ] {
+            let mut r = record(None, Some(52_000));
+            (r.t.kind, r.t.old, r.t.new) = (kind, old, old);
+            let line = format_transition(&clock, &r);
+            assert!(line.contains(what), "{line}");
+            assert_eq!(line.len(), state.len(), "{line}\n{state}");
+        }
     }
 
     #[test]
