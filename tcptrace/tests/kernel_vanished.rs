@@ -1,6 +1,7 @@
-//! Kernel test of the live loop's check against the kernel's sockets: a connection whose end
-//! never reached the engine (as after a recursion miss) is retired once the kernel no
-//! longer has its socket; one the kernel still has stays, however long it has been idle.
+//! Kernel tests of connections whose end was lost (as after a recursion miss): the live
+//! loop retires one once the kernel no longer has its socket, and keeps one it still has,
+//! however long idle; the program reports one whose socket address starts a new life; and
+//! a timewait socket address reused before its old connection was ended ends it then.
 
 mod common;
 
@@ -141,16 +142,29 @@ fn the_live_loop_retires_connections_the_kernel_no_longer_has() {
 /// Identities planted in the program's socket map, far above any it hands out.
 const PLANTED: u64 = u64::MAX - 1_000_000;
 
-/// The socket map of the program loaded last (ours: kernel tests run one at a time).
-fn socks_map() -> aya::maps::HashMap<aya::maps::MapData, u64, tcptrace_common::SockInfo> {
+/// A connection map (`SOCKS` or `TWS`) of the program loaded last (ours: kernel tests run
+/// one at a time).
+fn conn_map(name: &str) -> aya::maps::HashMap<aya::maps::MapData, u64, tcptrace_common::SockInfo> {
     let id = aya::maps::loaded_maps()
         .filter_map(Result::ok)
-        .filter(|m| m.name_as_str() == Some("SOCKS"))
+        .filter(|m| m.name_as_str() == Some(name))
         .map(|m| m.id())
         .max()
-        .expect("the program's SOCKS map is loaded");
-    let data = aya::maps::MapData::from_id(id).expect("open SOCKS by id");
-    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("SOCKS is a hash map")
+        .unwrap_or_else(|| panic!("the program's {name} map is loaded"));
+    let data = aya::maps::MapData::from_id(id).expect("open the map by id");
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("an LRU hash map")
+}
+
+/// What a planted entry says: connection `conn_id` between ports 1 and 9, in `state`.
+fn planted(conn_id: u64, state: TcpState) -> tcptrace_common::SockInfo {
+    tcptrace_common::SockInfo {
+        conn_id,
+        sport: 1,
+        dport: 9,
+        family: tcptrace_common::AF_INET,
+        state: state as u8,
+        ..Default::default()
+    }
 }
 
 /// Keeps this thread on one CPU, where the kernel's socket cache hands a freed socket's
@@ -209,16 +223,9 @@ fn a_new_life_at_a_lost_connections_address_reports_it_vanished() {
         // Listeners are freed after an RCU grace period.
         tokio::time::sleep(Duration::from_millis(200)).await;
 
-        let mut socks = socks_map();
+        let mut socks = conn_map("SOCKS");
         for (i, &sk) in freed.iter().enumerate() {
-            let info = tcptrace_common::SockInfo {
-                conn_id: PLANTED + i as u64,
-                sport: 1,
-                dport: 9,
-                family: tcptrace_common::AF_INET,
-                state: FinWait1 as u8,
-                ..Default::default()
-            };
+            let info = planted(PLANTED + i as u64, FinWait1);
             socks.insert(sk, info, 0).expect("plant an entry");
         }
 
@@ -284,5 +291,221 @@ fn a_new_life_at_a_lost_connections_address_reports_it_vanished() {
         }
         assert_no_loss(&tracer.counters());
         drop(second);
+    });
+}
+
+/// A client socket with SO_REUSEADDR bound to 127.0.0.1:`port` (0: the kernel picks),
+/// connected to `to`. A timewait socket of the same addresses left by an earlier one is
+/// killed by the connect (`tcp_tw_reuse`) once it is a second old.
+fn reusing_client(to: SocketAddr, port: u16) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let sa = |port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns, with valid arguments;
+    // the descriptor is handed to the TcpStream only once connected.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let one: libc::c_int = 1;
+        let opt = (&raw const one).cast();
+        let opt_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        assert_eq!(
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, opt, opt_len),
+            0
+        );
+        let local = sa(port);
+        let r = libc::bind(fd, (&raw const local).cast(), len);
+        assert_eq!(r, 0, "bind {port}: {}", std::io::Error::last_os_error());
+        let remote = sa(to.port());
+        let r = libc::connect(fd, (&raw const remote).cast(), len);
+        assert_eq!(
+            r,
+            0,
+            "connect from {port}: {}",
+            std::io::Error::last_os_error()
+        );
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Closes `client` first, then the server side `server` once it read EOF: the client's
+/// socket goes on as a timewait socket.
+fn close_client_first(client: TcpStream, mut server: TcpStream) {
+    use std::io::Read;
+    drop(client);
+    let mut buf = [0u8; 16];
+    assert_eq!(server.read(&mut buf).expect("server read"), 0, "EOF");
+}
+
+/// Sets `net.ipv4.tcp_tw_reuse` to 2 (reuse on loopback, the kernel's default) for a test if
+/// it is 0, and puts it back.
+struct TwReuse(Option<String>);
+
+impl TwReuse {
+    const PATH: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+
+    fn on() -> TwReuse {
+        let was = std::fs::read_to_string(Self::PATH).expect("read tcp_tw_reuse");
+        if was.trim() != "0" {
+            return TwReuse(None);
+        }
+        std::fs::write(Self::PATH, "2").expect("set tcp_tw_reuse");
+        TwReuse(Some(was))
+    }
+}
+
+impl Drop for TwReuse {
+    fn drop(&mut self) {
+        if let Some(was) = &self.0 {
+            let _ = std::fs::write(Self::PATH, was.trim());
+        }
+    }
+}
+
+/// A timewait socket killed for its port's reuse is freed, and the next timewait socket
+/// made on that CPU takes its memory, sometimes before the CPU that killed it has ended
+/// its connection (its cancel is settled by the next program run there). The connection
+/// still tracked at that address is then stale: it is ended when the new socket's timer
+/// starts, and the new connection is handed to the socket, instead of the old one being
+/// moved back from TIME_WAIT to FIN_WAIT2 (an illegal step) and the new one's handoff
+/// lost. The race is simulated by planting stale entries at freed timewait addresses.
+#[test]
+fn a_reused_timewait_address_ends_the_connection_left_there() {
+    let Some(_g) = kernel_guard() else { return };
+    pin_to_cpu0();
+    let _reuse = TwReuse::on();
+    runtime().block_on(async {
+        let mut tracer = start_tracer_with_timewait();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server_addr = listener.local_addr().expect("addr");
+        let accept = || listener.accept().expect("accept").0;
+        // Where each connection went on as a timewait socket: its first event at another
+        // address than its own (a handoff in FIN_WAIT2, or FIN_WAIT2 → TIME_WAIT when the
+        // peer's FIN came first).
+        let handoffs_of = |events: &[Transition]| -> Vec<Transition> {
+            by_conn(events)
+                .values()
+                .filter_map(|evs| evs.iter().find(|t| t.skaddr != evs[0].skaddr).copied())
+                .collect()
+        };
+
+        // Timewait sockets of 16 clients with ports of their own.
+        let mut ports = std::collections::HashSet::new();
+        for _ in 0..16 {
+            let client = reusing_client(server_addr, 0);
+            ports.insert(client.local_addr().expect("addr").port());
+            close_client_first(client, accept());
+        }
+        let events = collect(
+            &mut tracer,
+            |t| ports.contains(&t.local.port()),
+            |e| handoffs_of(e).len() >= 16,
+            Duration::from_secs(5),
+        )
+        .await;
+        let tws: Vec<(u16, u64)> = handoffs_of(&events)
+            .iter()
+            .map(|t| (t.local.port(), t.skaddr))
+            .collect();
+        assert_eq!(tws.len(), 16, "{}", show(&events));
+
+        // A second later, the same ports connect again: each timewait socket is killed.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let mut kept = Vec::new();
+        for &(port, _) in &tws {
+            kept.push((reusing_client(server_addr, port), accept()));
+        }
+        let tw_ends = |e: &[Transition]| {
+            e.iter()
+                .filter(|t| t.new == Close && tws.iter().any(|&(_, tw)| tw == t.skaddr))
+                .count()
+        };
+        let events = collect(
+            &mut tracer,
+            |t| ports.contains(&t.local.port()),
+            |e| tw_ends(e) >= 16,
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(
+            tw_ends(&events),
+            16,
+            "every killed timewait socket ended: {}",
+            show(&events)
+        );
+
+        // Stale entries at the freed addresses, as if their kills were still unsettled.
+        let mut tw_map = conn_map("TWS");
+        for (i, &(_, tw)) in tws.iter().enumerate() {
+            tw_map
+                .insert(tw, planted(PLANTED + i as u64, TimeWait), 0)
+                .expect("plant an entry");
+        }
+        // New timewait sockets, some at those addresses.
+        let mut new_ports = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let client = TcpStream::connect(server_addr).expect("connect");
+            new_ports.insert(client.local_addr().expect("addr").port());
+            close_client_first(client, accept());
+        }
+        let events = collect(
+            &mut tracer,
+            |t| new_ports.contains(&t.local.port()) || t.conn_id >= PLANTED,
+            |e| handoffs_of(e).len() >= 64,
+            Duration::from_secs(5),
+        )
+        .await;
+        let handoffs = handoffs_of(&events);
+        assert_eq!(handoffs.len(), 64, "{}", show(&events));
+        let reused: Vec<&Transition> = handoffs
+            .iter()
+            .filter(|h| tws.iter().any(|&(_, tw)| tw == h.skaddr))
+            .collect();
+        let stale_ends: Vec<&Transition> = events.iter().filter(|t| t.conn_id >= PLANTED).collect();
+        eprintln!(
+            "planted {} stale entries, {} of their addresses reused, {} ended",
+            tws.len(),
+            reused.len(),
+            stale_ends.len()
+        );
+        assert!(
+            !reused.is_empty(),
+            "no new timewait socket got a freed one's address: the test could not set up its case"
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|t| (t.old, t.new) == (TimeWait, FinWait2)),
+            "a connection moved back from TIME_WAIT: {}",
+            show(&events)
+        );
+        // Each reused address ended its planted connection, once, before the new handoff.
+        for h in &reused {
+            let i = tws
+                .iter()
+                .position(|&(_, tw)| tw == h.skaddr)
+                .expect("planted");
+            let ends: Vec<usize> = events
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.conn_id == PLANTED + i as u64)
+                .map(|(at, _)| at)
+                .collect();
+            assert_eq!(ends.len(), 1, "{}", show(&events));
+            let end = &events[ends[0]];
+            assert_eq!((end.old, end.new, end.skaddr), (TimeWait, Close, h.skaddr));
+            let handoff_at = events.iter().position(|t| t == *h).expect("in events");
+            assert!(ends[0] < handoff_at, "the stale end comes first");
+        }
+        // And only those.
+        assert_eq!(stale_ends.len(), reused.len(), "{}", show(&events));
+        drop(kept);
     });
 }
