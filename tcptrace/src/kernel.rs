@@ -83,15 +83,21 @@ pub struct KernelCounters {
     pub submitted: u64,
     /// Ring-buffer reserve failed for a state transition: the reader fell behind.
     pub ringbuf_full: u64,
-    /// The same for accept and timewait-handoff events, which change no state.
+    /// The same for accept, timewait-handoff and vanished events, which change no state.
     pub ringbuf_full_other: u64,
     pub read_errors: u64,
     /// Identity map insert failed (the event still went out, flagged).
     pub sock_map_full: u64,
     /// Dropped on purpose by the in-kernel filters (not a loss).
     pub filtered: u64,
-    /// The kernel skipped the program (it fired while another BPF program ran on that CPU).
+    /// The kernel skipped the state program (it fired while another BPF program ran on
+    /// that CPU): each a transition lost.
     pub recursion_misses: u64,
+    /// The same for the accept programs: each an accept lost (a socket without its owner).
+    pub accept_misses: u64,
+    /// The same for the timer hooks: each may have been a timewait socket's state change or
+    /// end (most timers are not a timewait socket's, so it is a bound, not a count).
+    pub timer_misses: u64,
     /// `→ CLOSE` events that found the ring buffer full and were queued instead: delivered
     /// late (after the ring buffer's backlog), not lost.
     pub deferred: u64,
@@ -105,9 +111,11 @@ pub struct Tracer {
     deferred: Queue<MapData, StateEvent>,
     counters: PerCpuArray<MapData, u64>,
     logger: AsyncFd<EbpfLogger<&'static dyn log::Log>>,
-    /// Every attached program whose events are the connections' (recursion misses are
-    /// summed over them).
-    prog_fds: Vec<std::os::fd::RawFd>,
+    /// The state program's fd (its recursion misses are transitions lost), then the
+    /// accept programs' (accepts lost) and the timer hooks' (maybe timewait steps lost).
+    state_fd: std::os::fd::RawFd,
+    accept_fds: Vec<std::os::fd::RawFd>,
+    timer_fds: Vec<std::os::fd::RawFd>,
     /// What could not be hooked here, one sentence each (the rest works without it).
     warnings: Vec<String>,
     _ebpf: Ebpf,
@@ -218,12 +226,8 @@ impl Tracer {
             unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
                 .map_err(|e| KernelError::Load(e.into_parts().1.to_string()))?;
 
-        let mut prog_fds = vec![attach(
-            &mut ebpf,
-            PROGRAM,
-            TRACEPOINT_CATEGORY,
-            TRACEPOINT_NAME,
-        )?];
+        let state_fd = attach(&mut ebpf, PROGRAM, TRACEPOINT_CATEGORY, TRACEPOINT_NAME)?;
+        let (mut accept_fds, mut timer_fds) = (Vec::new(), Vec::new());
         // accept(): each attach on its own; a missing one only loses that call's owners.
         if koffs.valid & KOFF_ACCEPT != 0 {
             for (prog, name) in [
@@ -231,7 +235,7 @@ impl Tracer {
                 ("sys_exit_accept", "sys_exit_accept"),
             ] {
                 match attach(&mut ebpf, prog, "syscalls", name) {
-                    Ok(fd) => prog_fds.push(fd),
+                    Ok(fd) => accept_fds.push(fd),
                     Err(e) => warnings.push(hook_warning(KOFF_ACCEPT, &e.to_string())),
                 }
             }
@@ -245,9 +249,12 @@ impl Tracer {
                 ("tw_timer_start", "timer_start"),
             ];
             for (prog, name) in hooks {
-                if let Err(e) = attach(&mut ebpf, prog, "timer", name) {
-                    warnings.push(hook_warning(KOFF_TIMEWAIT, &e.to_string()));
-                    break;
+                match attach(&mut ebpf, prog, "timer", name) {
+                    Ok(fd) => timer_fds.push(fd),
+                    Err(e) => {
+                        warnings.push(hook_warning(KOFF_TIMEWAIT, &e.to_string()));
+                        break;
+                    }
                 }
             }
         }
@@ -274,7 +281,9 @@ impl Tracer {
             deferred,
             counters,
             logger,
-            prog_fds,
+            state_fd,
+            accept_fds,
+            timer_fds,
             warnings,
             _ebpf: ebpf,
         })
@@ -343,18 +352,15 @@ impl Tracer {
             sock_map_full: sum(COUNTER_SOCK_MAP_FULL),
             filtered: sum(COUNTER_FILTERED),
             deferred: sum(COUNTER_DEFERRED),
-            recursion_misses: self
-                .prog_fds
-                .iter()
-                .filter_map(|fd| prog_info(*fd).ok())
-                .map(|i| i.recursion_misses)
-                .sum(),
+            recursion_misses: misses(&[self.state_fd]),
+            accept_misses: misses(&self.accept_fds),
+            timer_misses: misses(&self.timer_fds),
         }
     }
 
     /// The tracepoint program's kernel info (id, name, run stats, recursion misses).
     pub fn program_info(&self) -> std::io::Result<ProgInfo> {
-        prog_info(self.prog_fds[0])
+        prog_info(self.state_fd)
     }
 }
 
@@ -438,6 +444,14 @@ fn attach(
         .map_err(|e| KernelError::Load(e.to_string()))?
         .as_fd()
         .as_raw_fd())
+}
+
+/// Runs the kernel skipped, summed over the programs `fds`.
+fn misses(fds: &[std::os::fd::RawFd]) -> u64 {
+    fds.iter()
+        .filter_map(|fd| prog_info(*fd).ok())
+        .map(|i| i.recursion_misses)
+        .sum()
 }
 
 /// The fields of the kernel's `struct bpf_prog_info` (uapi/linux/bpf.h) that aya 0.14 does

@@ -365,13 +365,14 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
 }
 
 /// Every cause of loss: the kernel's counters plus the events userspace could not decode.
-fn loss(k: &KernelCounters, decode_errors: u64) -> Loss {
+pub fn loss(k: &KernelCounters, decode_errors: u64) -> Loss {
     Loss {
         ringbuf_full: k.ringbuf_full,
         recursion_misses: k.recursion_misses,
         read_errors: k.read_errors,
         decode_errors,
-        other_events_lost: k.ringbuf_full_other,
+        other_events_lost: k.ringbuf_full_other + k.accept_misses,
+        timewait_hook_misses: k.timer_misses,
     }
 }
 
@@ -420,3 +421,36 @@ impl Intake {
 
 /// Collects outputs for callers that inspect them (demo, tests).
 pub type Collected = std::rc::Rc<std::cell::RefCell<Vec<Output>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the state program's skipped runs are transitions lost; the accept programs'
+    /// are accepts lost, and the timer hooks' a bound kept apart.
+    #[test]
+    fn each_programs_skipped_runs_count_under_their_own_heading() {
+        let k = KernelCounters {
+            ringbuf_full: 1,
+            ringbuf_full_other: 2,
+            read_errors: 3,
+            recursion_misses: 4,
+            accept_misses: 5,
+            timer_misses: 6,
+            ..KernelCounters::default()
+        };
+        let l = loss(&k, 7);
+        assert_eq!(
+            l,
+            Loss {
+                ringbuf_full: 1,
+                recursion_misses: 4,
+                read_errors: 3,
+                decode_errors: 7,
+                other_events_lost: 2 + 5,
+                timewait_hook_misses: 6,
+            }
+        );
+        assert_eq!(l.total(), 1 + 4 + 3 + 7);
+    }
+}

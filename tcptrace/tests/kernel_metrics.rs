@@ -21,7 +21,6 @@ use tcptrace::kernel::{Tracer, TracerConfig};
 use tcptrace::live::{LiveOptions, run};
 use tcptrace::metrics_http::{self, OPENMETRICS_CONTENT_TYPE};
 use tcptrace::pipeline::Pipeline;
-use tcptrace::sink::Loss;
 use tcptrace::sink::metrics::Metrics;
 
 /// Connections each test makes.
@@ -255,13 +254,7 @@ fn feed(tracer: &mut Tracer, p: &mut Pipeline, decode_errors: &mut u64) {
 /// What the live loop does once per second for the metrics.
 fn observe(m: &Metrics, tracer: &Tracer, p: &Pipeline, decode_errors: u64) {
     let k = tracer.counters();
-    let loss = Loss {
-        ringbuf_full: k.ringbuf_full,
-        recursion_misses: k.recursion_misses,
-        read_errors: k.read_errors,
-        decode_errors,
-        other_events_lost: k.ringbuf_full_other,
-    };
+    let loss = tcptrace::live::loss(&k, decode_errors);
     m.observe_kernel(&loss, k.submitted, k.deferred);
     m.observe_engine(&p.engine().stats(), &p.engine().current_state_counts());
 }

@@ -111,6 +111,7 @@ pub struct Metrics {
     received: Counter,
     deferred: Counter,
     other_lost: Counter,
+    tw_misses: Counter,
     tracked: U64Gauge,
     evicted: Counter,
     vanished: Counter,
@@ -253,8 +254,14 @@ impl Metrics {
         let other_lost = Counter::default();
         reg.register(
             "tcptrace_other_events_lost",
-            "Accept and TIME_WAIT-handoff events (no state change, so not in tcptrace_events_lost) dropped by a full ring buffer: each costs a socket its owner or its timewait follow-up",
+            "Accept, TIME_WAIT-handoff and vanished events (no state change, so not in tcptrace_events_lost) dropped by a full ring buffer, and accept-program runs the kernel skipped: each costs a socket its owner, its timewait follow-up or its retirement",
             other_lost.clone(),
+        );
+        let tw_misses = Counter::default();
+        reg.register(
+            "tcptrace_timewait_hook_misses",
+            "Timer-hook runs the kernel skipped (another BPF program ran on that CPU): each may have been a timewait socket's step or end, most were other timers' (a bound, not a count)",
+            tw_misses.clone(),
         );
         let tracked = U64Gauge::default();
         reg.register(
@@ -313,6 +320,7 @@ impl Metrics {
             received,
             deferred,
             other_lost,
+            tw_misses,
             tracked,
             evicted,
             vanished,
@@ -410,6 +418,7 @@ impl Metrics {
             mirror(c, n);
         }
         mirror(&self.other_lost, loss.other_events_lost);
+        mirror(&self.tw_misses, loss.timewait_hook_misses);
     }
 
     /// The engine's gauges (call about once per second): `stats` from `Engine::stats`,
@@ -691,6 +700,7 @@ mod tests {
             read_errors: 0,
             decode_errors: 2,
             other_events_lost: 4,
+            timewait_hook_misses: 8,
         };
         m.observe_kernel(&loss, 100, 6);
         // A counter never goes down, even if handed a smaller total.
@@ -718,6 +728,7 @@ mod tests {
         assert_eq!(value(&sc, "tcptrace_events_received_total", &[]), 100.0);
         assert_eq!(value(&sc, "tcptrace_events_deferred_total", &[]), 6.0);
         assert_eq!(value(&sc, "tcptrace_other_events_lost_total", &[]), 4.0);
+        assert_eq!(value(&sc, "tcptrace_timewait_hook_misses_total", &[]), 8.0);
         assert_eq!(value(&sc, "tcptrace_connections_tracked", &[]), 7.0);
         assert_eq!(value(&sc, "tcptrace_connections_evicted_total", &[]), 3.0);
         assert_eq!(value(&sc, "tcptrace_connections_vanished_total", &[]), 5.0);
@@ -754,6 +765,7 @@ mod tests {
             ("tcptrace_events_received", "counter"),
             ("tcptrace_events_deferred", "counter"),
             ("tcptrace_other_events_lost", "counter"),
+            ("tcptrace_timewait_hook_misses", "counter"),
             ("tcptrace_connections_tracked", "gauge"),
             ("tcptrace_connections_evicted", "counter"),
             ("tcptrace_connections_vanished", "counter"),

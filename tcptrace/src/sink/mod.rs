@@ -29,10 +29,16 @@ pub struct Loss {
     pub read_errors: u64,
     /// Bytes that came out of the ring buffer but did not decode.
     pub decode_errors: u64,
-    /// Accept and timewait-handoff events (no state change, so not in `total`) that the full
-    /// ring buffer dropped: each costs a socket its owner, or its timewait follow-up.
+    /// Accept, timewait-handoff and vanished events (no state change, so not in `total`)
+    /// that the full ring buffer dropped, and accept-program runs the kernel skipped: each
+    /// costs a socket its owner, its timewait follow-up, or its retirement.
     #[serde(default)]
     pub other_events_lost: u64,
+    /// Timer-hook runs the kernel skipped (another BPF program ran on that CPU). Each may
+    /// have been a timewait socket's step or end, most were other timers': a bound, not a
+    /// count, so not in `total`. A timewait end lost is made up when its address is reused.
+    #[serde(default)]
+    pub timewait_hook_misses: u64,
 }
 
 impl Loss {

@@ -246,7 +246,7 @@ impl<W: Write> Sink for Terminal<W> {
         }
         writeln!(
             self.out,
-            "tcptrace: {} transitions seen, {} events lost (ring buffer full {}, recursion misses {}, read errors {}, undecodable {}), {} connections evicted{}",
+            "tcptrace: {} transitions seen, {} events lost (ring buffer full {}, recursion misses {}, read errors {}, undecodable {}), {} connections evicted{}{}",
             s.transitions,
             s.lost,
             s.loss.ringbuf_full,
@@ -256,7 +256,13 @@ impl<W: Write> Sink for Terminal<W> {
             s.engine.evicted,
             match s.loss.other_events_lost {
                 0 => String::new(),
-                n => format!("; {n} accept/handoff events lost to the full ring buffer"),
+                n => format!("; {n} accept/handoff/vanished events lost"),
+            },
+            match s.loss.timewait_hook_misses {
+                0 => String::new(),
+                n => format!(
+                    "; {n} timer-hook runs skipped by the kernel (timewait steps may be missing)"
+                ),
             }
         )
     }
