@@ -44,10 +44,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsServerError {
-    #[error("cannot listen on {addr} for --metrics: {source}")]
+    #[error("cannot listen on {addr} for --metrics: {error}")]
     Listen {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -62,7 +62,7 @@ pub struct MetricsServer {
 /// Binds `addr` now (no runtime needed), so a taken port or a bad address is reported
 /// before tracing starts.
 pub fn bind(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<MetricsServer, MetricsServerError> {
-    let listen_err = |source| MetricsServerError::Listen { addr, source };
+    let listen_err = |error| MetricsServerError::Listen { addr, error };
     let listener = std::net::TcpListener::bind(addr).map_err(listen_err)?;
     listener.set_nonblocking(true).map_err(listen_err)?;
     let addr = listener.local_addr().map_err(listen_err)?;

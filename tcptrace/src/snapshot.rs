@@ -79,16 +79,16 @@ pub struct Snapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error(
-        "sock_diag {what} failed: {source}; the kernel needs inet_diag and tcp_diag (modprobe tcp_diag)"
+        "sock_diag {what} failed: {error}; the kernel needs inet_diag and tcp_diag (modprobe tcp_diag)"
     )]
     Netlink {
         what: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
     #[error("malformed sock_diag reply: {0}")]
     Decode(String),
-    #[error("cannot read {path}: {source}; is /proc mounted?")]
-    Proc { path: String, source: io::Error },
+    #[error("cannot read {path}: {error}; is /proc mounted?")]
+    Proc { path: String, error: io::Error },
 }
 
 /// Large enough for the biggest dump batch the kernel sends (it grows batches to 32 KiB
@@ -194,9 +194,9 @@ fn monotonic_ns() -> u64 {
 fn netns_inode(path: &str) -> Result<u64, SnapshotError> {
     std::fs::metadata(path)
         .map(|m| m.ino())
-        .map_err(|source| SnapshotError::Proc {
+        .map_err(|error| SnapshotError::Proc {
             path: path.to_string(),
-            source,
+            error,
         })
 }
 
@@ -253,9 +253,9 @@ fn foreign_namespaces(
 ) -> Result<BTreeMap<u64, PathBuf>, SnapshotError> {
     let mut found = BTreeMap::new();
     let mut pids = Vec::new();
-    for_each_number("/proc", |pid| pids.push(pid)).map_err(|source| SnapshotError::Proc {
+    for_each_number("/proc", |pid| pids.push(pid)).map_err(|error| SnapshotError::Proc {
         path: "/proc".into(),
-        source,
+        error,
     })?;
     let mut path = String::new();
     for pid in pids {
@@ -355,9 +355,9 @@ fn dump_current_netns(netns: u64, out: &mut Vec<SnapSocket>) -> Result<(), Snaps
 
 /// A sock_diag socket, answering for the calling thread's network namespace.
 fn diag_socket() -> Result<Socket, SnapshotError> {
-    Socket::new(NETLINK_SOCK_DIAG).map_err(|source| SnapshotError::Netlink {
+    Socket::new(NETLINK_SOCK_DIAG).map_err(|error| SnapshotError::Netlink {
         what: "socket",
-        source,
+        error,
     })
 }
 
@@ -391,7 +391,7 @@ fn send_tcp_request(
     request.serialize(&mut bytes);
     socket
         .send(&bytes, 0)
-        .map_err(|source| SnapshotError::Netlink { what, source })?;
+        .map_err(|error| SnapshotError::Netlink { what, error })?;
     Ok(())
 }
 
@@ -444,7 +444,7 @@ impl Prober {
         remote: SocketAddr,
         ifindex: u32,
     ) -> Result<bool, SnapshotError> {
-        let netlink = |what, source| SnapshotError::Netlink { what, source };
+        let netlink = |what, error| SnapshotError::Netlink { what, error };
         let v4 = local.is_ipv4() && remote.is_ipv4();
         let as_family = |ip: IpAddr| match (v4, ip) {
             (false, IpAddr::V4(a)) => IpAddr::V6(a.to_ipv6_mapped()),
@@ -515,9 +515,9 @@ fn receive_dump(
     loop {
         let n = socket
             .recv(&mut &mut buf[..], 0)
-            .map_err(|source| SnapshotError::Netlink {
+            .map_err(|error| SnapshotError::Netlink {
                 what: "dump",
-                source,
+                error,
             })?;
         if n > buf.len() {
             return Err(SnapshotError::Decode(format!(
@@ -544,7 +544,7 @@ fn receive_dump(
                         0 => Ok(()),
                         c => Err(SnapshotError::Netlink {
                             what: "dump",
-                            source: io::Error::from_raw_os_error(-c),
+                            error: io::Error::from_raw_os_error(-c),
                         }),
                     };
                 }
@@ -553,7 +553,7 @@ fn receive_dump(
                     if let Some(code) = err.code() {
                         return Err(SnapshotError::Netlink {
                             what: "dump",
-                            source: io::Error::from_raw_os_error(-code.get()),
+                            error: io::Error::from_raw_os_error(-code.get()),
                         });
                     }
                 }
@@ -603,9 +603,9 @@ fn attach_owners(
     denied: &mut Vec<u32>,
 ) -> Result<(), SnapshotError> {
     let mut pids = Vec::new();
-    for_each_number("/proc", |pid| pids.push(pid)).map_err(|source| SnapshotError::Proc {
+    for_each_number("/proc", |pid| pids.push(pid)).map_err(|error| SnapshotError::Proc {
         path: "/proc".into(),
-        source,
+        error,
     })?;
     // (socket inode, pid), one per fd; sorted, then each socket's holders are one range.
     let mut held: Vec<(u64, u32)> = Vec::new();

@@ -18,10 +18,10 @@ pub enum TracefsError {
         "this kernel has no sock:inet_sock_set_state tracepoint ({0} is missing); tcptrace needs Linux 4.16 or newer"
     )]
     TracepointMissing(PathBuf),
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("unexpected sock:inet_sock_set_state layout: {0}")]
     Layout(String),
@@ -69,7 +69,7 @@ pub fn read_layout(tracefs: &Path) -> Result<TracepointLayout, TracefsError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(TracefsError::TracepointMissing(path));
         }
-        Err(source) => return Err(TracefsError::Read { path, source }),
+        Err(error) => return Err(TracefsError::Read { path, error }),
     };
     parse_format(&text)
 }
