@@ -47,7 +47,7 @@ pub enum View {
     Alerts,
     /// Transitions, lifecycles and alerts.
     All,
-    /// Nothing on stdout (use with --output or --metrics).
+    /// Nothing on stdout (use with --output, or with --metrics when tracing).
     None,
 }
 
@@ -58,7 +58,7 @@ pub enum FileFormat {
     /// One header row, then one row per record.
     Csv,
     /// Compact binary records of the transitions, for `tcptrace analyze` to replay (a
-    /// quarter of NDJSON's size, and far cheaper to write and to read); lifecycles and
+    /// quarter to a fifth of NDJSON's size, and far cheaper to write and to read); lifecycles and
     /// alerts are recomputed by the replay.
     Binary,
 }
@@ -80,10 +80,15 @@ pub struct TraceArgs {
     pub format: FileFormat,
     /// Rotate --output once it reaches this size (e.g. 100M); 0 never rotates. SIGHUP
     /// reopens the file either way, for logrotate.
-    #[arg(long, default_value = "0", value_parser = crate::output::parse_size, env = "TCPTRACE_ROTATE_SIZE")]
+    #[arg(long, default_value = "0", value_parser = crate::output::parse_size, requires = "output", env = "TCPTRACE_ROTATE_SIZE")]
     pub rotate_size: u64,
     /// Rotated files to keep (FILE.1 … FILE.N).
-    #[arg(long, default_value_t = 5, env = "TCPTRACE_ROTATE_KEEP")]
+    #[arg(
+        long,
+        default_value_t = 5,
+        requires = "output",
+        env = "TCPTRACE_ROTATE_KEEP"
+    )]
     pub rotate_keep: u32,
     /// Serve Prometheus/OpenMetrics on http://ADDR/metrics (and /healthz). Without ADDR:
     /// 127.0.0.1:9464; binding beyond loopback is an explicit choice.
@@ -108,18 +113,19 @@ pub struct KernelArgs {
     pub ring_mb: u32,
     /// Don't follow TIME_WAIT (timewait sockets, through the timer tracepoints): lifecycles
     /// then end at FIN_WAIT2/CLOSING -> CLOSE, as the state tracepoint reports them.
-    #[arg(long, env = "TCPTRACE_NO_TIMEWAIT")]
+    #[arg(long, env = "TCPTRACE_NO_TIMEWAIT", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_timewait: bool,
     /// Don't take the start-up snapshot of the TCP sockets that already exist.
-    #[arg(long, env = "TCPTRACE_NO_SNAPSHOT")]
+    #[arg(long, env = "TCPTRACE_NO_SNAPSHOT", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_snapshot: bool,
 }
 
 /// Lifecycle-engine and anomaly-rule settings shared by live tracing, analyze and demo.
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// Most connections tracked at once; beyond it the oldest are evicted (and counted).
-    #[arg(long, default_value_t = 1_000_000, env = "TCPTRACE_MAX_CONNECTIONS")]
+    /// Most connections tracked at once; beyond it the least recently active are evicted
+    /// (and counted).
+    #[arg(long, default_value_t = 1_000_000, value_parser = parse_max_connections, env = "TCPTRACE_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Alert when a socket stays in CLOSE_WAIT longer than this.
     #[arg(long, default_value = "30s", value_parser = parse_duration, env = "TCPTRACE_CLOSE_WAIT_THRESHOLD")]
@@ -131,6 +137,18 @@ pub struct EngineArgs {
     /// Alert when a handshake takes longer than this.
     #[arg(long, default_value = "1s", value_parser = parse_duration, env = "TCPTRACE_SLOW_CONNECT_THRESHOLD")]
     pub slow_connect_threshold: Duration,
+}
+
+/// `--max-connections`: at least 1000, so that the engine can hold the connections of a
+/// moment (fewer would evict connections still in their handshake and classify nothing).
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.trim().replace('_', "").parse::<usize>() {
+        Ok(n) if n >= 1000 => Ok(n),
+        Ok(n) => Err(format!(
+            "{n} is too few: the engine needs room for at least 1000 connections"
+        )),
+        Err(_) => Err(format!("{s:?} is not a number of connections")),
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -156,9 +174,9 @@ pub struct AnalyzeArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// How many sockets the demo server leaks.
-    #[arg(long, default_value_t = 5)]
-    pub leaks: usize,
+    /// How many sockets the demo server leaks (1-1000).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub leaks: u16,
     /// CLOSE_WAIT threshold for the demo (short, so the alert shows within seconds).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub threshold: Duration,

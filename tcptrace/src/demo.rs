@@ -68,7 +68,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
             let _ = std::io::stdout().flush();
         });
     }
-    let leaks = args.leaks;
+    let leaks = usize::from(args.leaks);
     let threshold = args.threshold;
     let (done_tx, done_rx) = mpsc::channel::<Result<u32, String>>();
     let on_ready = Box::new(move || {

@@ -20,7 +20,8 @@ pub struct FilterArgs {
         long = "port",
         value_name = "PORT",
         env = "TCPTRACE_PORT",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = parse_port
     )]
     pub ports: Vec<u16>,
     /// Keep transitions whose local address is in CIDR (e.g. 10.0.0.0/8, ::1).
@@ -34,11 +35,12 @@ pub struct FilterArgs {
         short = '4',
         long = "ipv4",
         conflicts_with = "ipv6",
-        env = "TCPTRACE_IPV4"
+        env = "TCPTRACE_IPV4",
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub ipv4: bool,
     /// IPv6 sockets only (an IPv4-mapped address on a v6 socket counts as IPv6).
-    #[arg(short = '6', long = "ipv6", env = "TCPTRACE_IPV6")]
+    #[arg(short = '6', long = "ipv6", env = "TCPTRACE_IPV6", value_parser = clap::builder::BoolishValueParser::new())]
     pub ipv6: bool,
     /// Keep connections owned by this process id.
     #[arg(long, env = "TCPTRACE_PID")]
@@ -60,6 +62,16 @@ pub struct FilterArgs {
     pub container: Option<String>,
 }
 
+/// A port to filter on: 1-65535 (port 0 is what a connecting socket carries before the
+/// kernel picks its local port, and a listener's remote port: it would match the wrong things).
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(0) => Err("port 0 matches no connection (give 1-65535)".into()),
+        Ok(p) => Ok(p),
+        Err(_) => Err(format!("{s:?} is not a port (1-65535)")),
+    }
+}
+
 /// A network namespace named by path (its inode), by number, or as `net:[N]`.
 pub fn parse_netns(s: &str) -> Result<u32, String> {
     let digits = s
@@ -70,10 +82,31 @@ pub fn parse_netns(s: &str) -> Result<u32, String> {
         return Ok(n);
     }
     use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(s).map_err(|e| {
+    let file = std::fs::File::open(s).map_err(|e| {
         format!("--netns {s:?}: not a namespace inode number nor a readable namespace path ({e})")
     })?;
-    u32::try_from(m.ino()).map_err(|_| format!("--netns {s:?}: inode {} is too large", m.ino()))
+    if !is_net_namespace(&file) {
+        return Err(format!(
+            "--netns {s:?} is not a network namespace (give /run/netns/NAME, /proc/PID/ns/net or an inode number)"
+        ));
+    }
+    let ino = file
+        .metadata()
+        .map_err(|e| format!("--netns {s:?}: {e}"))?
+        .ino();
+    u32::try_from(ino).map_err(|_| format!("--netns {s:?}: inode {ino} is too large"))
+}
+
+/// Whether `file` is a namespace file (nsfs) of a network namespace: the kernel's
+/// NS_GET_NSTYPE answers CLONE_NEWNET. Any other file (a regular one, another kind of
+/// namespace) would otherwise name a made-up inode and trace nothing.
+fn is_net_namespace(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    /// `_IO(0xb7, 0x3)` from linux/nsfs.h.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without arguments on a file we own; it only returns a value.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    kind == libc::CLONE_NEWNET
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,6 +274,12 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
         assert_eq!(parse_netns("/proc/self/ns/net"), Ok(own));
+        // A file that is not a network namespace names no namespace: refused, not traced
+        // as a made-up inode.
+        for other in ["/proc/self/ns/uts", "/proc/self/status"] {
+            let e = parse_netns(other).unwrap_err();
+            assert!(e.contains("is not a network namespace"), "{other}: {e}");
+        }
         let e = parse_netns("/no/such/netns").unwrap_err();
         assert!(
             e.starts_with("--netns \"/no/such/netns\": not a namespace"),

@@ -250,6 +250,54 @@ fn bad_flags_and_missing_privileges_are_one_sentence_and_nonzero() {
         show("--duration soon", &o)
     );
 
+    // Values that would trace nothing, or the wrong things, are refused up front, each in
+    // one sentence that names the problem.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    for (args, says) in [
+        (vec!["--port", "0"], "port 0 matches no connection"),
+        (vec!["--port", "80,0"], "port 0 matches no connection"),
+        (
+            vec!["--netns", "/proc/self/status"],
+            "is not a network namespace",
+        ),
+        (
+            vec!["--netns", "/proc/self/ns/uts"],
+            "is not a network namespace",
+        ),
+        (vec!["--max-connections", "0"], "is too few"),
+        (vec!["demo", "--leaks", "0"], "'0' for '--leaks <LEAKS>'"),
+        (vec!["--rotate-size", "10M"], "--output"),
+        (
+            vec!["--metrics", &taken],
+            "for --metrics: Address already in use",
+        ),
+    ] {
+        let o = run(&args);
+        let cmd = format!("tcptrace {}", args.join(" "));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{}", show(&cmd, &o));
+        assert!(err.contains(says), "{}", show(&cmd, &o));
+        // The cause is said once, not repeated by the error chain.
+        assert!(err.matches("(os error").count() <= 1, "{}", show(&cmd, &o));
+    }
+    // Boolean switches read from the environment take the usual spellings.
+    let o = Command::new(BIN)
+        .args(["--port", "0"])
+        .env("TCPTRACE_NO_SNAPSHOT", "1")
+        .env("TCPTRACE_IPV4", "yes")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("port 0") && !err.contains("NO_SNAPSHOT") && !err.contains("--no-snapshot"),
+        "{}",
+        show(
+            "TCPTRACE_NO_SNAPSHOT=1 TCPTRACE_IPV4=yes tcptrace --port 0",
+            &o
+        )
+    );
+
     // Without privileges: drop every capability and become nobody.
     let o = Command::new("setpriv")
         .args([
