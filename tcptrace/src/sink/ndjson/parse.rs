@@ -28,7 +28,20 @@ pub enum ParseError {
     Missing(&'static str),
     #[error("unknown state {0:?}")]
     State(String),
+    #[error("JSON, but not a tcptrace record: {0}")]
+    NotRecord(String),
+    #[error(
+        "unknown record type {0:?} (known: transition, accept, handoff, present, vanished, lifecycle, alert, summary)"
+    )]
+    UnknownType(String),
+    #[error(
+        "a CSV row: CSV output cannot be replayed (record with --format ndjson or --format binary for analyze)"
+    )]
+    Csv,
 }
+
+/// Record types of schema 1 that carry no transition: read past.
+const OTHER_RECORD_TYPES: [&str; 3] = ["lifecycle", "alert", "summary"];
 
 #[derive(Deserialize)]
 struct Line<'a> {
@@ -504,6 +517,9 @@ pub fn parse_transition_bytes(line: &[u8]) -> Result<Option<Transition>, ParseEr
 #[cold]
 #[inline(never)]
 fn parse_other_line(line: &[u8]) -> Result<Option<Transition>, ParseError> {
+    if line.starts_with(b"type,schema,") || line.starts_with(b"transition,1,") {
+        return Err(ParseError::Csv);
+    }
     match std::str::from_utf8(line) {
         Ok(s) => parse_transition_json(s),
         Err(e) => Err(ParseError::Json(format!("not UTF-8 ({e})"))),
@@ -512,14 +528,21 @@ fn parse_other_line(line: &[u8]) -> Result<Option<Transition>, ParseError> {
 
 /// The full parser: any valid JSON object with the fields, in any order.
 pub fn parse_transition_json(line: &str) -> Result<Option<Transition>, ParseError> {
-    let l: Line<'_> = serde_json::from_str(line).map_err(|e| ParseError::Json(e.to_string()))?;
+    let l: Line<'_> = serde_json::from_str(line).map_err(|e| match e.classify() {
+        // Valid JSON of the wrong shape (`{"foo":1}`, `[1,2]`) is not "not JSON".
+        serde_json::error::Category::Data => ParseError::NotRecord(e.to_string()),
+        _ => ParseError::Json(e.to_string()),
+    })?;
     match l.schema {
         Some(SCHEMA_VERSION) => {}
         Some(v) => return Err(ParseError::Schema(v)),
         None => return Err(ParseError::Missing("schema")),
     }
     let Some(kind) = EventKind::from_record_type(&l.kind) else {
-        return Ok(None);
+        if OTHER_RECORD_TYPES.contains(&&*l.kind) {
+            return Ok(None);
+        }
+        return Err(ParseError::UnknownType(l.kind.into_owned()));
     };
     let skaddr = l
         .skaddr

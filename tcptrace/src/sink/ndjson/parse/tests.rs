@@ -318,3 +318,39 @@ fn parse_rate() {
         );
     }
 }
+
+#[test]
+fn lines_that_are_no_transition_say_what_they_are() {
+    let err = |l: &str| parse_transition(l).unwrap_err().to_string();
+    // Not JSON at all.
+    assert!(
+        err("{\"type\":").starts_with("not JSON"),
+        "{}",
+        err("{\"type\":")
+    );
+    // JSON, but not one of our records: not called "not JSON".
+    for l in ["{\"foo\":1}", "[1,2,3]", "{\"type\":3,\"schema\":1}"] {
+        assert!(
+            err(l).starts_with("JSON, but not a tcptrace record"),
+            "{l}: {}",
+            err(l)
+        );
+    }
+    // A typo'd record type is an error, not a line silently read past.
+    assert_eq!(
+        err("{\"type\":\"transtion\",\"schema\":1,\"ts_ns\":1}"),
+        "unknown record type \"transtion\" (known: transition, accept, handoff, present, vanished, lifecycle, alert, summary)"
+    );
+    // Our other record types are read past.
+    for kind in ["lifecycle", "alert", "summary"] {
+        let l = format!("{{\"type\":\"{kind}\",\"schema\":1}}");
+        assert_eq!(parse_transition(&l), Ok(None), "{l}");
+    }
+    // A CSV log names itself.
+    for l in [
+        "type,schema,time,ts_ns,conn_id,family",
+        "transition,1,2026-11-24T20:00:00Z,123,4097,ipv4",
+    ] {
+        assert!(err(l).starts_with("a CSV row"), "{l}: {}", err(l));
+    }
+}
