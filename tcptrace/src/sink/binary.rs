@@ -14,7 +14,7 @@
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 1 | kind: 0 transition, 1 accept, 2 handoff, 3 present |
+//! | 0 | 1 | kind: 0 transition, 1 accept, 2 handoff, 3 present, 4 vanished |
 //! | 1, 2 | 1 + 1 | old, new: the kernel's state numbers |
 //! | 3 | 1 | flags: 1 starts_conn, 2 midlife, 4 unaccepted, 8 owner known, 16 IPv6 |
 //! | 4 | 1 | owner_via: unknown, connect, listen, accept, close, listener, fd (0–6) |
