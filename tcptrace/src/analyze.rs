@@ -4,11 +4,12 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
+use std::path::Path;
 use std::rc::Rc;
 
 use anyhow::{Context as _, Result};
 
-use crate::cli::{AnalyzeArgs, FileFormat};
+use crate::cli::{AnalyzeArgs, FileFormat, View};
 use crate::engine::{EndReason, Engine, Output};
 use crate::event::{TcpState, Transition};
 use crate::pipeline::{Pipeline, engine_config};
@@ -263,32 +264,80 @@ pub fn replay(
     Ok((f, stopped))
 }
 
+/// `analyze -o FILE` writes a new file: it refuses one that holds something already (a
+/// second conversion appended to a first is replayed twice), and above all the log it
+/// reads (it would read its own output for ever). Devices and pipes are fine.
+fn check_new_output(out: &Path, input: Option<&std::fs::Metadata>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(m) = std::fs::metadata(out) else {
+        return Ok(());
+    };
+    if !m.is_file() {
+        return Ok(());
+    }
+    if input.is_some_and(|i| i.dev() == m.dev() && i.ino() == m.ino()) {
+        anyhow::bail!(
+            "{} is the log being analyzed; analyze -o writes a new file (choose another name)",
+            out.display()
+        );
+    }
+    if m.len() > 0 {
+        anyhow::bail!(
+            "{} already exists and is not empty; analyze -o writes a new file (remove it or choose another name)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn analyze(args: AnalyzeArgs) -> Result<()> {
-    let input: Box<dyn Read> = match args.file.as_deref() {
-        None => Box::new(io::stdin().lock()),
-        Some(p) if p.as_os_str() == "-" => Box::new(io::stdin().lock()),
-        Some(p) => Box::new(
-            std::fs::File::open(p)
-                .with_context(|| format!("cannot open the log {}", p.display()))?,
+    let (input, input_meta): (Box<dyn Read>, _) = match args.file.as_deref() {
+        Some(p) if p.as_os_str() != "-" => {
+            let f = std::fs::File::open(p)
+                .with_context(|| format!("cannot open the log {}", p.display()))?;
+            let m = f.metadata().ok();
+            (Box::new(f), m)
+        }
+        _ => (
+            Box::new(io::stdin().lock()),
+            std::fs::metadata("/dev/stdin").ok(),
         ),
     };
-    // The printer is the live view's own sink; it learns the log's wall clock from the
-    // first transition.
-    let stdout = UntilClosed {
-        w: io::BufWriter::with_capacity(1 << 16, io::stdout()),
-        closed: false,
-    };
-    let printer = Rc::new(RefCell::new(Terminal::for_replay(stdout, args.view)));
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Rc::clone(&printer))];
+    let stdout_taken = args.output.as_deref().is_some_and(crate::output::is_stdout);
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    // Checked and opened before anything is read.
     if let Some(p) = &args.output {
-        let file = crate::output::OutputFile::create(p)?;
         let clock = WallClock::identity();
+        let file: Box<dyn Write> = if stdout_taken {
+            // A reader that goes away (`| head`) ends the output, not the analysis.
+            Box::new(UntilClosed {
+                w: crate::output::stdout_output(args.format == FileFormat::Binary)?,
+                closed: false,
+            })
+        } else {
+            check_new_output(p, input_meta.as_ref())?;
+            Box::new(crate::output::OutputFile::create(p)?)
+        };
         sinks.push(match args.format {
             FileFormat::Ndjson => Box::new(Ndjson::new(file, clock)),
             FileFormat::Csv => Box::new(crate::sink::csv::Csv::new(file, clock)),
             FileFormat::Binary => Box::new(binary::Binary::new(file, clock)),
         });
     }
+    // The printer is the live view's own sink; it learns the log's wall clock from the
+    // first transition. When the records go to stdout (`-o -`), it prints only the report,
+    // on stderr.
+    let (screen, view): (Box<dyn Write>, _) = if stdout_taken {
+        (Box::new(io::stderr()), View::None)
+    } else {
+        (Box::new(io::stdout()), args.view)
+    };
+    let stdout = UntilClosed {
+        w: io::BufWriter::with_capacity(1 << 16, screen),
+        closed: false,
+    };
+    let printer = Rc::new(RefCell::new(Terminal::for_replay(stdout, view)));
+    sinks.insert(0, Box::new(Rc::clone(&printer)));
     let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
     let collected = Rc::new(RefCell::new(Findings::default()));
     {

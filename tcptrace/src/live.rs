@@ -116,22 +116,18 @@ pub struct LiveOptions {
 /// Builds the sinks a `TraceArgs` asks for.
 pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    let stdout_taken = args.output.as_deref() == Some(std::path::Path::new("-"));
-    if stdout_taken
-        && args.format == FileFormat::Binary
-        && io::IsTerminal::is_terminal(&io::stdout())
-    {
-        anyhow::bail!(
-            "--format binary writes binary records, not text: send --output - to a file or a pipe (e.g. | tcptrace analyze -)"
-        );
-    }
+    let stdout_taken = args.output.as_deref().is_some_and(crate::output::is_stdout);
+    // Refused before anything else starts.
+    let stdout_out = stdout_taken
+        .then(|| crate::output::stdout_output(args.format == FileFormat::Binary))
+        .transpose()?;
     if !stdout_taken && args.view != View::None {
         let out = io::BufWriter::with_capacity(1 << 16, io::stdout());
         sinks.push(Box::new(Terminal::new(out, args.view, clock)));
     }
     if let Some(path) = &args.output {
-        let w: Box<dyn Write> = if stdout_taken {
-            Box::new(io::BufWriter::with_capacity(1 << 16, io::stdout()))
+        let w: Box<dyn Write> = if let Some(out) = stdout_out {
+            Box::new(out)
         } else {
             let rotation = crate::output::Rotation {
                 max_bytes: args.rotate_size,

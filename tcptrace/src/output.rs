@@ -222,6 +222,21 @@ impl Drop for OutputFile {
     }
 }
 
+/// Whether `--output` names stdout (`-`), in every mode.
+pub fn is_stdout(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// `--output -`: stdout, buffered. Binary records are refused on a terminal.
+pub fn stdout_output(binary: bool) -> anyhow::Result<BufWriter<io::Stdout>> {
+    if binary && io::IsTerminal::is_terminal(&io::stdout()) {
+        anyhow::bail!(
+            "--format binary writes binary records, not text: send --output - to a file or a pipe (e.g. | tcptrace analyze -)"
+        );
+    }
+    Ok(BufWriter::with_capacity(1 << 16, io::stdout()))
+}
+
 /// Parses sizes such as `100M`, `1.5G`, `64KiB`, `4096`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
