@@ -305,6 +305,7 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
     };
     let stdout_taken = args.output.as_deref().is_some_and(crate::output::is_stdout);
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let mut lost = None;
     // Checked and opened before anything is read.
     if let Some(p) = &args.output {
         let clock = WallClock::identity();
@@ -316,7 +317,10 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
             })
         } else {
             check_new_output(p, input_meta.as_ref())?;
-            Box::new(crate::output::OutputFile::create(p)?)
+            let f = crate::output::OutputFile::create(p)?
+                .for_purpose(crate::output::Purpose::Replay);
+            lost = Some(f.lost());
+            Box::new(f)
         };
         sinks.push(match args.format {
             FileFormat::Ndjson => Box::new(Ndjson::new(file, clock)),
@@ -380,6 +384,17 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
     let w = p.get_mut();
     print_report(w, &findings, &summary).context("writing the report")?;
     w.flush().context("writing the report")?;
+    drop(p);
+    // The output file's last flush, then what it could not take.
+    drop(pipeline);
+    if let (Some(lost), Some(path)) = (lost, &args.output)
+        && let Err(e) = lost.check(path)
+    {
+        if stopped.is_none() {
+            return Err(e);
+        }
+        log::error!("{e}");
+    }
     if let Some(bad) = stopped {
         anyhow::bail!(
             "malformed log at {bad}; stopped there (the report above covers lines before it; --skip-bad goes on past bad lines)"

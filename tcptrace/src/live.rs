@@ -113,9 +113,14 @@ pub struct LiveOptions {
     pub cgroups: CgroupFilter,
 }
 
-/// Builds the sinks a `TraceArgs` asks for.
-pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
+/// What an `--output` file could not take, counted by its writer thread.
+pub type OutputLoss = Option<std::sync::Arc<crate::output::Lost>>;
+
+/// Builds the sinks a `TraceArgs` asks for, and the count of what the output file (if any)
+/// failed to take.
+pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<(Vec<Box<dyn Sink>>, OutputLoss)> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let mut lost = None;
     let stdout_taken = args.output.as_deref().is_some_and(crate::output::is_stdout);
     // Refused before anything else starts.
     let stdout_out = stdout_taken
@@ -134,6 +139,7 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
                 keep: args.rotate_keep,
             };
             let file = crate::output::OutputFile::with_rotation(path, rotation)?;
+            lost = Some(file.lost());
             // Written on its own thread: the ring-buffer reader never waits on the disk. The
             // thread needs no capability, and would otherwise keep them all: they are per
             // thread, and the reader drops its own only once attached.
@@ -153,12 +159,12 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
             FileFormat::Binary => sinks.push(Box::new(crate::sink::binary::Binary::new(w, clock))),
         }
     }
-    Ok(sinks)
+    Ok((sinks, lost))
 }
 
 pub async fn trace(args: TraceArgs) -> Result<()> {
     let clock = WallClock::new(kernel::wall_offset_ns());
-    let mut sinks = sinks(&args, clock)?;
+    let (mut sinks, output_loss) = sinks(&args, clock)?;
     // Bound before the program loads, so a taken port fails fast and costs nothing.
     let metrics = match args.metrics {
         Some(addr) => {
@@ -216,6 +222,12 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
         );
     }
     log::debug!("stopped: {stop:?}");
+    // Tracing went on past write errors on the output file; the run as a whole failed if
+    // output was lost (once the writer thread has written, or failed to write, the rest).
+    drop(pipeline);
+    if let (Some(lost), Some(path)) = (output_loss, &args.output) {
+        lost.check(path)?;
+    }
     Ok(())
 }
 
