@@ -317,14 +317,19 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
             })
         } else {
             check_new_output(p, input_meta.as_ref())?;
-            let f = crate::output::OutputFile::create(p)?
+            let mut f = crate::output::OutputFile::create(p)?
                 .for_purpose(crate::output::Purpose::Replay);
+            if args.format == FileFormat::Csv {
+                f = f.with_header(crate::sink::csv::header());
+            }
             lost = Some(f.lost());
             Box::new(f)
         };
         sinks.push(match args.format {
             FileFormat::Ndjson => Box::new(Ndjson::new(file, clock)),
-            FileFormat::Csv => Box::new(crate::sink::csv::Csv::new(file, clock)),
+            FileFormat::Csv if stdout_taken => Box::new(crate::sink::csv::Csv::new(file, clock)),
+            // The output file writes the header.
+            FileFormat::Csv => Box::new(crate::sink::csv::Csv::without_header(file, clock)),
             FileFormat::Binary => Box::new(binary::Binary::new(file, clock)),
         });
     }

@@ -138,7 +138,11 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<(Vec<Box<dyn Sink>>, 
                 max_bytes: args.rotate_size,
                 keep: args.rotate_keep,
             };
-            let file = crate::output::OutputFile::with_rotation(path, rotation)?;
+            let mut file = crate::output::OutputFile::with_rotation(path, rotation)?;
+            if args.format == FileFormat::Csv {
+                // Every file started (rotations, reopens) begins with it.
+                file = file.with_header(crate::sink::csv::header());
+            }
             lost = Some(file.lost());
             // Written on its own thread: the ring-buffer reader never waits on the disk. The
             // thread needs no capability, and would otherwise keep them all: they are per
@@ -155,7 +159,12 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<(Vec<Box<dyn Sink>>, 
         };
         match args.format {
             FileFormat::Ndjson => sinks.push(Box::new(Ndjson::new(w, clock))),
-            FileFormat::Csv => sinks.push(Box::new(crate::sink::csv::Csv::new(w, clock))),
+            FileFormat::Csv if stdout_taken => {
+                sinks.push(Box::new(crate::sink::csv::Csv::new(w, clock)))
+            }
+            FileFormat::Csv => sinks.push(Box::new(crate::sink::csv::Csv::without_header(
+                w, clock,
+            ))),
             FileFormat::Binary => sinks.push(Box::new(crate::sink::binary::Binary::new(w, clock))),
         }
     }

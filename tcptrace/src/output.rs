@@ -78,12 +78,23 @@ pub struct OutputFile {
     /// Bytes were buffered since the last flush: only a flush that writes them proves the
     /// file works again.
     pending: bool,
+    /// The line every file this starts begins with (CSV's header row), if any.
+    header: Option<Vec<u8>>,
+    /// The current file was started empty and has no header yet.
+    needs_header: bool,
 }
 
-fn open(path: &Path) -> io::Result<(BufWriter<File>, u64)> {
+/// The file, its size, and whether it is one that this run starts: empty, and a regular
+/// file (a device or a pipe reopened after an error is the same stream going on).
+fn open(path: &Path) -> io::Result<(BufWriter<File>, u64, bool)> {
     let f = OpenOptions::new().create(true).append(true).open(path)?;
-    let size = f.metadata()?.len();
-    Ok((BufWriter::with_capacity(1 << 16, f), size))
+    let m = f.metadata()?;
+    let size = m.len();
+    Ok((
+        BufWriter::with_capacity(1 << 16, f),
+        size,
+        size == 0 && m.is_file(),
+    ))
 }
 
 impl OutputFile {
@@ -94,7 +105,7 @@ impl OutputFile {
     }
 
     pub fn with_rotation(path: &Path, rotation: Rotation) -> anyhow::Result<OutputFile> {
-        let (file, size) = open(path)
+        let (file, size, _) = open(path)
             .map_err(|e| anyhow::anyhow!("cannot write the output file {}: {e}", path.display()))?;
         Ok(OutputFile {
             path: path.to_path_buf(),
@@ -106,7 +117,16 @@ impl OutputFile {
             at_line_start: true,
             failing: false,
             pending: false,
+            header: None,
+            needs_header: size == 0,
         })
+    }
+
+    /// A line to begin every file this starts with (the first, each rotated-to and each
+    /// reopened one, when empty): CSV's header row. A file appended to already has one.
+    pub fn with_header(mut self, header: Vec<u8>) -> OutputFile {
+        self.header = Some(header);
+        self
     }
 
     /// What to say after a write error (live tracing's message by default).
@@ -198,9 +218,10 @@ impl OutputFile {
         if let Err(e) = self.close() {
             self.report("writing to", &e);
         }
-        let (f, size) = open(&self.path)?;
+        let (f, size, new) = open(&self.path)?;
         self.file = Some(f);
         self.size = size;
+        self.needs_header = new;
         Ok(())
     }
 
@@ -222,9 +243,10 @@ impl OutputFile {
         }
         if self.file.is_none() {
             match open(&self.path) {
-                Ok((f, size)) => {
+                Ok((f, size, new)) => {
                     self.file = Some(f);
                     self.size = size;
+                    self.needs_header = new;
                 }
                 Err(e) => self.report("opening", &e),
             }
@@ -248,7 +270,22 @@ impl OutputFile {
     fn write_piece(&mut self, buf: &[u8]) {
         if self.at_line_start {
             self.at_boundary();
+            if self.needs_header
+                && self.file.is_some()
+                && let Some(header) = self.header.take()
+            {
+                self.put(&header);
+                self.header = Some(header);
+            }
+            self.needs_header = false;
         }
+        self.put(buf);
+        if let Some(&last) = buf.last() {
+            self.at_line_start = last == b'\n';
+        }
+    }
+
+    fn put(&mut self, buf: &[u8]) {
         if let Some(f) = self.file.as_mut() {
             match f.write_all(buf) {
                 // Buffered only: the failure spell ends at a flush that reaches the file.
@@ -269,9 +306,6 @@ impl OutputFile {
             }
         } else {
             self.lost.dropped(buf);
-        }
-        if let Some(&last) = buf.last() {
-            self.at_line_start = last == b'\n';
         }
     }
 }
@@ -494,6 +528,59 @@ mod tests {
             one_write
                 .iter()
                 .all(|t| t.len() <= 100 + 40 && t.ends_with('\n'))
+        );
+    }
+
+    /// CSV's header: every file tcptrace starts (the first, each rotation, a reopened new
+    /// file) begins with exactly one; a file appended to gets none mid-file.
+    #[test]
+    fn every_file_started_begins_with_the_header_and_an_appended_one_gets_none() {
+        let header = b"type,n\n".to_vec();
+        let p = tmp("header-rotate");
+        let rotation = Rotation {
+            max_bytes: 100,
+            keep: 2,
+        };
+        let mut f = OutputFile::with_rotation(&p, rotation)
+            .unwrap()
+            .with_header(header.clone());
+        for i in 0..30 {
+            write!(f, "row,").unwrap();
+            writeln!(f, "{i:020}").unwrap();
+        }
+        drop(f);
+        for path in [
+            p.with_extension("ndjson.2"),
+            p.with_extension("ndjson.1"),
+            p.clone(),
+        ] {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.starts_with("type,n\nrow,"), "{}: {text:?}", path.display());
+            assert_eq!(text.matches("type,n").count(), 1, "{text:?}");
+        }
+
+        // A reopened file (SIGHUP after logrotate moved it) is a new file: a header.
+        let p = tmp("header-reopen");
+        let mut f = OutputFile::create(&p).unwrap().with_header(header.clone());
+        writeln!(f, "row,1").unwrap();
+        f.flush().unwrap();
+        let moved = p.with_extension("moved");
+        std::fs::rename(&p, &moved).unwrap();
+        f.reopen().unwrap();
+        writeln!(f, "row,2").unwrap();
+        drop(f);
+        assert_eq!(std::fs::read_to_string(&moved).unwrap(), "type,n\nrow,1\n");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "type,n\nrow,2\n");
+
+        // Appending to a file that has rows: no second header.
+        let p = tmp("header-append");
+        std::fs::write(&p, "type,n\nrow,0\n").unwrap();
+        let mut f = OutputFile::create(&p).unwrap().with_header(header);
+        writeln!(f, "row,1").unwrap();
+        drop(f);
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "type,n\nrow,0\nrow,1\n"
         );
     }
 
