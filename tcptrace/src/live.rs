@@ -162,9 +162,9 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<(Vec<Box<dyn Sink>>, 
             FileFormat::Csv if stdout_taken => {
                 sinks.push(Box::new(crate::sink::csv::Csv::new(w, clock)))
             }
-            FileFormat::Csv => sinks.push(Box::new(crate::sink::csv::Csv::without_header(
-                w, clock,
-            ))),
+            FileFormat::Csv => {
+                sinks.push(Box::new(crate::sink::csv::Csv::without_header(w, clock)))
+            }
             FileFormat::Binary => sinks.push(Box::new(crate::sink::binary::Binary::new(w, clock))),
         }
     }

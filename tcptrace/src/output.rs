@@ -555,7 +555,11 @@ mod tests {
             p.clone(),
         ] {
             let text = std::fs::read_to_string(&path).unwrap();
-            assert!(text.starts_with("type,n\nrow,"), "{}: {text:?}", path.display());
+            assert!(
+                text.starts_with("type,n\nrow,"),
+                "{}: {text:?}",
+                path.display()
+            );
             assert_eq!(text.matches("type,n").count(), 1, "{text:?}");
         }
 

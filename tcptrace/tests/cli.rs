@@ -830,7 +830,12 @@ fn analyze_o_refuses_a_non_empty_file_and_above_all_its_own_input() {
     let log_s = log.to_str().unwrap();
     let before = std::fs::read(&log).unwrap();
     let o = run(&["analyze", log_s, "--view", "none", "-o", log_s]);
-    assert_eq!(o.status.code(), Some(1), "{}", show("analyze log -o log", &o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        show("analyze log -o log", &o)
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.starts_with("tcptrace: ") && err.contains("is the log being analyzed"),
@@ -844,7 +849,12 @@ fn analyze_o_refuses_a_non_empty_file_and_above_all_its_own_input() {
     let link = d.join("link.ndjson");
     std::fs::hard_link(&log, &link).unwrap();
     let o = run(&["analyze", log_s, "-o", link.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1), "{}", show("analyze log -o link", &o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        show("analyze log -o link", &o)
+    );
     assert!(String::from_utf8_lossy(&o.stderr).contains("is the log being analyzed"));
 
     let conv = d.join("conv.ndjson");
@@ -853,7 +863,12 @@ fn analyze_o_refuses_a_non_empty_file_and_above_all_its_own_input() {
     assert!(o.status.success(), "{}", show("analyze -o conv", &o));
     let first = std::fs::read(&conv).unwrap();
     let o = run(&["analyze", log_s, "--view", "none", "-o", conv_s]);
-    assert_eq!(o.status.code(), Some(1), "{}", show("analyze -o conv again", &o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        show("analyze -o conv again", &o)
+    );
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("already exists and is not empty"),
         "{}",
@@ -865,7 +880,14 @@ fn analyze_o_refuses_a_non_empty_file_and_above_all_its_own_input() {
     // An empty file, or a device, is fine.
     let empty = d.join("empty.ndjson");
     std::fs::write(&empty, "").unwrap();
-    let o = run(&["analyze", log_s, "--view", "none", "-o", empty.to_str().unwrap()]);
+    let o = run(&[
+        "analyze",
+        log_s,
+        "--view",
+        "none",
+        "-o",
+        empty.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", show("analyze -o empty", &o));
     assert_eq!(std::fs::read(&empty).unwrap(), first);
     let o = run(&["analyze", log_s, "--view", "none", "-o", "/dev/null"]);
@@ -909,7 +931,14 @@ fn analyze_o_to_a_full_disk_fails_and_says_output_was_lost() {
     let d = tmpdir("analyze-o-full");
     let log = d.join("log.ndjson");
     std::fs::write(&log, two_transitions()).unwrap();
-    let o = run(&["analyze", log.to_str().unwrap(), "--view", "none", "-o", "/dev/full"]);
+    let o = run(&[
+        "analyze",
+        log.to_str().unwrap(),
+        "--view",
+        "none",
+        "-o",
+        "/dev/full",
+    ]);
     let cmd = "analyze -o /dev/full";
     assert_eq!(o.status.code(), Some(1), "{}", show(cmd, &o));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -974,7 +1003,11 @@ fn analyze_keeps_the_recorded_runs_losses() {
         "-o",
         back.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", show("analyze cap.bin -o back", &o));
+    assert!(
+        o.status.success(),
+        "{}",
+        show("analyze cap.bin -o back", &o)
+    );
     assert!(
         String::from_utf8_lossy(&o.stdout)
             .contains("the recorded run lost 500 transitions (ringbuf_full 500)"),

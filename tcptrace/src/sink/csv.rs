@@ -162,7 +162,9 @@ impl<W: Write> Csv<W> {
     /// (the first, after each rotation or reopen), and none when it appends to one.
     pub fn without_header(out: W, clock: WallClock) -> Csv<W> {
         Csv {
-            out: csv::WriterBuilder::new().has_headers(false).from_writer(out),
+            out: csv::WriterBuilder::new()
+                .has_headers(false)
+                .from_writer(out),
             clock,
         }
     }
