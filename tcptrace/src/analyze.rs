@@ -4,11 +4,12 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
+use std::path::Path;
 use std::rc::Rc;
 
 use anyhow::{Context as _, Result};
 
-use crate::cli::{AnalyzeArgs, FileFormat};
+use crate::cli::{AnalyzeArgs, FileFormat, View};
 use crate::engine::{EndReason, Engine, Output};
 use crate::event::{TcpState, Transition};
 use crate::pipeline::{Pipeline, engine_config};
@@ -16,7 +17,7 @@ use crate::sink::binary;
 use crate::sink::ndjson::{Ndjson, parse_transition_bytes};
 use crate::sink::terminal::Terminal;
 use crate::sink::time::{WallClock, human};
-use crate::sink::{RunSummary, Sink};
+use crate::sink::{Loss, RunSummary, Sink};
 
 const TICK_NS: u64 = 1_000_000_000;
 
@@ -36,6 +37,51 @@ pub struct Findings {
     /// (its own estimate): the memory budget per connection, measurable from a replay.
     pub tracked_at_end: u64,
     pub engine_heap_bytes: u64,
+    /// The summary lines of the recorded run(s) (several when logs were concatenated), and
+    /// what they say was lost, summed: a replay or a conversion keeps the live run's loss.
+    pub recorded_runs: u64,
+    pub recorded_lost: u64,
+    pub recorded_loss: Loss,
+}
+
+impl Findings {
+    /// A recorded `summary` line (NDJSON, also how a binary capture keeps it). Rare: parsed
+    /// with serde, off the transitions' path. Fields an older log lacks count as 0.
+    #[cold]
+    fn recorded_summary(&mut self, line: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            return;
+        };
+        if v.get("type").and_then(|t| t.as_str()) != Some("summary") {
+            return;
+        }
+        let top = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+        // In `loss`, or repeated flat at the top level (the older logs' only place).
+        let cause = |k: &str| {
+            v.get("loss")
+                .and_then(|l| l.get(k))
+                .and_then(serde_json::Value::as_u64)
+                .or_else(|| top(k))
+                .unwrap_or(0)
+        };
+        let loss = Loss {
+            ringbuf_full: cause("ringbuf_full"),
+            recursion_misses: cause("recursion_misses"),
+            read_errors: cause("read_errors"),
+            decode_errors: cause("decode_errors"),
+            other_events_lost: cause("other_events_lost"),
+            timewait_hook_misses: cause("timewait_hook_misses"),
+        };
+        let l = &mut self.recorded_loss;
+        l.ringbuf_full += loss.ringbuf_full;
+        l.recursion_misses += loss.recursion_misses;
+        l.read_errors += loss.read_errors;
+        l.decode_errors += loss.decode_errors;
+        l.other_events_lost += loss.other_events_lost;
+        l.timewait_hook_misses += loss.timewait_hook_misses;
+        self.recorded_lost += top("lost").unwrap_or_else(|| loss.total());
+        self.recorded_runs += 1;
+    }
 }
 
 /// Lines of a byte stream, split in place in a large buffer: no per-line copy or
@@ -211,7 +257,16 @@ impl Feeder<'_> {
                 self.feed(&t, None, line)?;
                 Ok(())
             }
-            Ok(None) => Ok(()),
+            // A lifecycle, an alert, or (rarely) the recorded run's summary: our own lifecycle
+            // lines, the common case, are told apart by their first bytes.
+            Ok(None) => {
+                if !line.starts_with(b"{\"type\":\"lifecycle\"")
+                    && memchr::memmem::find(line, b"\"summary\"").is_some()
+                {
+                    self.f.recorded_summary(line);
+                }
+                Ok(())
+            }
             Err(e) => Err(e.to_string()),
         })
     }
@@ -263,32 +318,89 @@ pub fn replay(
     Ok((f, stopped))
 }
 
+/// `analyze -o FILE` writes a new file: it refuses one that holds something already (a
+/// second conversion appended to a first is replayed twice), and above all the log it
+/// reads (it would read its own output for ever). Devices and pipes are fine.
+fn check_new_output(out: &Path, input: Option<&std::fs::Metadata>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(m) = std::fs::metadata(out) else {
+        return Ok(());
+    };
+    if !m.is_file() {
+        return Ok(());
+    }
+    if input.is_some_and(|i| i.dev() == m.dev() && i.ino() == m.ino()) {
+        anyhow::bail!(
+            "{} is the log being analyzed; analyze -o writes a new file (choose another name)",
+            out.display()
+        );
+    }
+    if m.len() > 0 {
+        anyhow::bail!(
+            "{} already exists and is not empty; analyze -o writes a new file (remove it or choose another name)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn analyze(args: AnalyzeArgs) -> Result<()> {
-    let input: Box<dyn Read> = match args.file.as_deref() {
-        None => Box::new(io::stdin().lock()),
-        Some(p) if p.as_os_str() == "-" => Box::new(io::stdin().lock()),
-        Some(p) => Box::new(
-            std::fs::File::open(p)
-                .with_context(|| format!("cannot open the log {}", p.display()))?,
+    let (input, input_meta): (Box<dyn Read>, _) = match args.file.as_deref() {
+        Some(p) if p.as_os_str() != "-" => {
+            let f = std::fs::File::open(p)
+                .with_context(|| format!("cannot open the log {}", p.display()))?;
+            let m = f.metadata().ok();
+            (Box::new(f), m)
+        }
+        _ => (
+            Box::new(io::stdin().lock()),
+            std::fs::metadata("/dev/stdin").ok(),
         ),
     };
-    // The printer is the live view's own sink; it learns the log's wall clock from the
-    // first transition.
-    let stdout = UntilClosed {
-        w: io::BufWriter::with_capacity(1 << 16, io::stdout()),
-        closed: false,
-    };
-    let printer = Rc::new(RefCell::new(Terminal::for_replay(stdout, args.view)));
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Rc::clone(&printer))];
+    let stdout_taken = args.output.as_deref().is_some_and(crate::output::is_stdout);
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let mut lost = None;
+    // Checked and opened before anything is read.
     if let Some(p) = &args.output {
-        let file = crate::output::OutputFile::create(p)?;
         let clock = WallClock::identity();
+        let file: Box<dyn Write> = if stdout_taken {
+            // A reader that goes away (`| head`) ends the output, not the analysis.
+            Box::new(UntilClosed {
+                w: crate::output::stdout_output(args.format == FileFormat::Binary)?,
+                closed: false,
+            })
+        } else {
+            check_new_output(p, input_meta.as_ref())?;
+            let mut f =
+                crate::output::OutputFile::create(p)?.for_purpose(crate::output::Purpose::Replay);
+            if args.format == FileFormat::Csv {
+                f = f.with_header(crate::sink::csv::header());
+            }
+            lost = Some(f.lost());
+            Box::new(f)
+        };
         sinks.push(match args.format {
             FileFormat::Ndjson => Box::new(Ndjson::new(file, clock)),
-            FileFormat::Csv => Box::new(crate::sink::csv::Csv::new(file, clock)),
+            FileFormat::Csv if stdout_taken => Box::new(crate::sink::csv::Csv::new(file, clock)),
+            // The output file writes the header.
+            FileFormat::Csv => Box::new(crate::sink::csv::Csv::without_header(file, clock)),
             FileFormat::Binary => Box::new(binary::Binary::new(file, clock)),
         });
     }
+    // The printer is the live view's own sink; it learns the log's wall clock from the
+    // first transition. When the records go to stdout (`-o -`), it prints only the report,
+    // on stderr.
+    let (screen, view): (Box<dyn Write>, _) = if stdout_taken {
+        (Box::new(io::stderr()), View::None)
+    } else {
+        (Box::new(io::stdout()), args.view)
+    };
+    let stdout = UntilClosed {
+        w: io::BufWriter::with_capacity(1 << 16, screen),
+        closed: false,
+    };
+    let printer = Rc::new(RefCell::new(Terminal::for_replay(stdout, view)));
+    sinks.insert(0, Box::new(Rc::clone(&printer)));
     let mut pipeline = Pipeline::new(Engine::new(engine_config(&args.engine)), sinks);
     let collected = Rc::new(RefCell::new(Findings::default()));
     {
@@ -319,8 +431,11 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
     findings.still_open = seen.still_open;
 
     let stats = pipeline.engine().stats();
+    // The recorded run's losses carry over: a conversion keeps them.
     let summary = RunSummary {
         transitions: pipeline.transitions(),
+        lost: findings.recorded_lost,
+        loss: findings.recorded_loss,
         engine: stats,
         ..RunSummary::default()
     };
@@ -331,6 +446,17 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
     let w = p.get_mut();
     print_report(w, &findings, &summary).context("writing the report")?;
     w.flush().context("writing the report")?;
+    drop(p);
+    // The output file's last flush, then what it could not take.
+    drop(pipeline);
+    if let (Some(lost), Some(path)) = (lost, &args.output)
+        && let Err(e) = lost.check(path)
+    {
+        if stopped.is_none() {
+            return Err(e);
+        }
+        log::error!("{e}");
+    }
     if let Some(bad) = stopped {
         anyhow::bail!(
             "malformed log at {bad}; stopped there (the report above covers lines before it; --skip-bad goes on past bad lines)"
@@ -401,6 +527,7 @@ fn print_report(w: &mut impl Write, f: &Findings, s: &RunSummary) -> io::Result<
             alerts.join(" ")
         }
     )?;
+    writeln!(w, "{}", recorded_loss(f))?;
     writeln!(
         w,
         "illegal transitions {}, gaps (lost events) {}, evicted {}",
@@ -416,6 +543,48 @@ fn print_report(w: &mut impl Write, f: &Findings, s: &RunSummary) -> io::Result<
             None => String::new(),
         }
     )
+}
+
+/// What the recorded run(s) lost, from their summary lines, by cause.
+fn recorded_loss(f: &Findings) -> String {
+    let l = &f.recorded_loss;
+    let who = match f.recorded_runs {
+        0 => {
+            return "recorded loss: unknown (no summary line in the log: the run was still going, or was cut short)".into();
+        }
+        1 => "the recorded run".to_string(),
+        n => format!("the recorded runs ({n})"),
+    };
+    let causes: Vec<String> = [
+        ("ringbuf_full", l.ringbuf_full),
+        ("recursion_misses", l.recursion_misses),
+        ("read_errors", l.read_errors),
+        ("decode_errors", l.decode_errors),
+    ]
+    .iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(k, n)| format!("{k} {n}"))
+    .collect();
+    let mut s = if f.recorded_lost == 0 {
+        format!("{who} lost no transitions")
+    } else if causes.is_empty() {
+        format!("{who} lost {} transitions", f.recorded_lost)
+    } else {
+        format!(
+            "{who} lost {} transitions ({})",
+            f.recorded_lost,
+            causes.join(", ")
+        )
+    };
+    for (k, n) in [
+        ("other_events_lost", l.other_events_lost),
+        ("timewait_hook_misses", l.timewait_hook_misses),
+    ] {
+        if n > 0 {
+            s.push_str(&format!("; {k} {n}"));
+        }
+    }
+    s
 }
 
 #[cfg(test)]

@@ -113,31 +113,37 @@ pub struct LiveOptions {
     pub cgroups: CgroupFilter,
 }
 
-/// Builds the sinks a `TraceArgs` asks for.
-pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
+/// What an `--output` file could not take, counted by its writer thread.
+pub type OutputLoss = Option<std::sync::Arc<crate::output::Lost>>;
+
+/// Builds the sinks a `TraceArgs` asks for, and the count of what the output file (if any)
+/// failed to take.
+pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<(Vec<Box<dyn Sink>>, OutputLoss)> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    let stdout_taken = args.output.as_deref() == Some(std::path::Path::new("-"));
-    if stdout_taken
-        && args.format == FileFormat::Binary
-        && io::IsTerminal::is_terminal(&io::stdout())
-    {
-        anyhow::bail!(
-            "--format binary writes binary records, not text: send --output - to a file or a pipe (e.g. | tcptrace analyze -)"
-        );
-    }
+    let mut lost = None;
+    let stdout_taken = args.output.as_deref().is_some_and(crate::output::is_stdout);
+    // Refused before anything else starts.
+    let stdout_out = stdout_taken
+        .then(|| crate::output::stdout_output(args.format == FileFormat::Binary))
+        .transpose()?;
     if !stdout_taken && args.view != View::None {
         let out = io::BufWriter::with_capacity(1 << 16, io::stdout());
         sinks.push(Box::new(Terminal::new(out, args.view, clock)));
     }
     if let Some(path) = &args.output {
-        let w: Box<dyn Write> = if stdout_taken {
-            Box::new(io::BufWriter::with_capacity(1 << 16, io::stdout()))
+        let w: Box<dyn Write> = if let Some(out) = stdout_out {
+            Box::new(out)
         } else {
             let rotation = crate::output::Rotation {
                 max_bytes: args.rotate_size,
                 keep: args.rotate_keep,
             };
-            let file = crate::output::OutputFile::with_rotation(path, rotation)?;
+            let mut file = crate::output::OutputFile::with_rotation(path, rotation)?;
+            if args.format == FileFormat::Csv {
+                // Every file started (rotations, reopens) begins with it.
+                file = file.with_header(crate::sink::csv::header());
+            }
+            lost = Some(file.lost());
             // Written on its own thread: the ring-buffer reader never waits on the disk. The
             // thread needs no capability, and would otherwise keep them all: they are per
             // thread, and the reader drops its own only once attached.
@@ -153,16 +159,21 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<Vec<Box<dyn Sink>>> {
         };
         match args.format {
             FileFormat::Ndjson => sinks.push(Box::new(Ndjson::new(w, clock))),
-            FileFormat::Csv => sinks.push(Box::new(crate::sink::csv::Csv::new(w, clock))),
+            FileFormat::Csv if stdout_taken => {
+                sinks.push(Box::new(crate::sink::csv::Csv::new(w, clock)))
+            }
+            FileFormat::Csv => {
+                sinks.push(Box::new(crate::sink::csv::Csv::without_header(w, clock)))
+            }
             FileFormat::Binary => sinks.push(Box::new(crate::sink::binary::Binary::new(w, clock))),
         }
     }
-    Ok(sinks)
+    Ok((sinks, lost))
 }
 
 pub async fn trace(args: TraceArgs) -> Result<()> {
     let clock = WallClock::new(kernel::wall_offset_ns());
-    let mut sinks = sinks(&args, clock)?;
+    let (mut sinks, output_loss) = sinks(&args, clock)?;
     // Bound before the program loads, so a taken port fails fast and costs nothing.
     let metrics = match args.metrics {
         Some(addr) => {
@@ -220,6 +231,12 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
         );
     }
     log::debug!("stopped: {stop:?}");
+    // Tracing went on past write errors on the output file; the run as a whole failed if
+    // output was lost (once the writer thread has written, or failed to write, the rest).
+    drop(pipeline);
+    if let (Some(lost), Some(path)) = (output_loss, &args.output) {
+        lost.check(path)?;
+    }
     Ok(())
 }
 

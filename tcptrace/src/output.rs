@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Set by the SIGHUP handler; the file reopens at the next line boundary.
@@ -20,8 +21,54 @@ pub struct Rotation {
     pub keep: u32,
 }
 
+/// What an output file failed to take: counted as it happens, read at the end (from
+/// another thread, for live tracing's writer thread).
+#[derive(Debug, Default)]
+pub struct Lost {
+    /// Failed writes, flushes and (re)opens.
+    pub failures: AtomicU64,
+    /// Output dropped: lines (newlines in it) and bytes.
+    pub lines: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl Lost {
+    fn dropped(&self, data: &[u8]) {
+        if !data.is_empty() {
+            let lines = memchr::memchr_iter(b'\n', data).count() as u64;
+            self.lines.fetch_add(lines, Ordering::Relaxed);
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// One sentence if output to `path` was lost (a scripted run must not look fine).
+    pub fn check(&self, path: &Path) -> anyhow::Result<()> {
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        if bytes == 0 {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "{} lines of output ({bytes} bytes) could not be written to {} ({} write errors, the first reported above)",
+            self.lines.load(Ordering::Relaxed),
+            path.display(),
+            self.failures.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// What goes on after a write error, as the message says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Live tracing: the other outputs go on, and this file resumes when it can.
+    Tracing,
+    /// A replay's `-o`: the replay goes on, and fails at the end.
+    Replay,
+}
+
 pub struct OutputFile {
     path: PathBuf,
+    purpose: Purpose,
+    lost: Arc<Lost>,
     file: Option<BufWriter<File>>,
     rotation: Rotation,
     size: u64,
@@ -31,12 +78,23 @@ pub struct OutputFile {
     /// Bytes were buffered since the last flush: only a flush that writes them proves the
     /// file works again.
     pending: bool,
+    /// The line every file this starts begins with (CSV's header row), if any.
+    header: Option<Vec<u8>>,
+    /// The current file was started empty and has no header yet.
+    needs_header: bool,
 }
 
-fn open(path: &Path) -> io::Result<(BufWriter<File>, u64)> {
+/// The file, its size, and whether it is one that this run starts: empty, and a regular
+/// file (a device or a pipe reopened after an error is the same stream going on).
+fn open(path: &Path) -> io::Result<(BufWriter<File>, u64, bool)> {
     let f = OpenOptions::new().create(true).append(true).open(path)?;
-    let size = f.metadata()?.len();
-    Ok((BufWriter::with_capacity(1 << 16, f), size))
+    let m = f.metadata()?;
+    let size = m.len();
+    Ok((
+        BufWriter::with_capacity(1 << 16, f),
+        size,
+        size == 0 && m.is_file(),
+    ))
 }
 
 impl OutputFile {
@@ -47,28 +105,69 @@ impl OutputFile {
     }
 
     pub fn with_rotation(path: &Path, rotation: Rotation) -> anyhow::Result<OutputFile> {
-        let (file, size) = open(path)
+        let (file, size, _) = open(path)
             .map_err(|e| anyhow::anyhow!("cannot write the output file {}: {e}", path.display()))?;
         Ok(OutputFile {
             path: path.to_path_buf(),
+            purpose: Purpose::Tracing,
+            lost: Arc::default(),
             file: Some(file),
             rotation,
             size,
             at_line_start: true,
             failing: false,
             pending: false,
+            header: None,
+            needs_header: size == 0,
         })
+    }
+
+    /// A line to begin every file this starts with (the first, each rotated-to and each
+    /// reopened one, when empty): CSV's header row. A file appended to already has one.
+    pub fn with_header(mut self, header: Vec<u8>) -> OutputFile {
+        self.header = Some(header);
+        self
+    }
+
+    /// What to say after a write error (live tracing's message by default).
+    pub fn for_purpose(mut self, purpose: Purpose) -> OutputFile {
+        self.purpose = purpose;
+        self
+    }
+
+    /// The count of what this file failed to take, readable once it is dropped (its last
+    /// flush included) or from another thread.
+    pub fn lost(&self) -> Arc<Lost> {
+        Arc::clone(&self.lost)
     }
 
     fn report(&mut self, what: &str, e: &io::Error) {
         WRITE_ERRORS.fetch_add(1, Ordering::Relaxed);
+        self.lost.failures.fetch_add(1, Ordering::Relaxed);
         if !self.failing {
             self.failing = true;
-            log::error!(
-                "{what} {} failed ({e}); tracing goes on, and output to this file resumes when it can be written",
-                self.path.display()
-            );
+            let goes_on = match self.purpose {
+                Purpose::Tracing => {
+                    "tracing goes on, and output to this file resumes when it can be written"
+                }
+                Purpose::Replay => {
+                    "the analysis goes on, and what this file could not take is counted"
+                }
+            };
+            log::error!("{what} {} failed ({e}); {goes_on}", self.path.display());
         }
+    }
+
+    /// Drops the file after an error, and what it still buffered, unwritten (dropping the
+    /// writer would try to write it once more), counted as lost.
+    fn discard(&mut self) {
+        if let Some(f) = self.file.take() {
+            let (_file, unwritten) = f.into_parts();
+            if let Ok(buf) = unwritten {
+                self.lost.dropped(&buf);
+            }
+        }
+        self.pending = false;
     }
 
     /// Rotated name `FILE.n`.
@@ -78,10 +177,23 @@ impl OutputFile {
         PathBuf::from(s)
     }
 
-    fn rotate(&mut self) -> io::Result<()> {
-        if let Some(mut f) = self.file.take() {
-            f.flush()?;
+    /// Flushes and closes the current file; what it could not write is counted as lost.
+    fn close(&mut self) -> io::Result<()> {
+        if let Some(f) = self.file.as_mut()
+            && let Err(e) = f.flush()
+        {
+            self.discard();
+            return Err(e);
         }
+        self.file = None;
+        if std::mem::take(&mut self.pending) {
+            self.failing = false;
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.close()?;
         if self.rotation.keep == 0 {
             std::fs::remove_file(&self.path).or_else(|e| {
                 if e.kind() == io::ErrorKind::NotFound {
@@ -103,12 +215,13 @@ impl OutputFile {
     }
 
     fn reopen(&mut self) -> io::Result<()> {
-        if let Some(mut f) = self.file.take() {
-            let _ = f.flush();
+        if let Err(e) = self.close() {
+            self.report("writing to", &e);
         }
-        let (f, size) = open(&self.path)?;
+        let (f, size, new) = open(&self.path)?;
         self.file = Some(f);
         self.size = size;
+        self.needs_header = new;
         Ok(())
     }
 
@@ -130,9 +243,10 @@ impl OutputFile {
         }
         if self.file.is_none() {
             match open(&self.path) {
-                Ok((f, size)) => {
+                Ok((f, size, new)) => {
                     self.file = Some(f);
                     self.size = size;
+                    self.needs_header = new;
                 }
                 Err(e) => self.report("opening", &e),
             }
@@ -156,7 +270,22 @@ impl OutputFile {
     fn write_piece(&mut self, buf: &[u8]) {
         if self.at_line_start {
             self.at_boundary();
+            if self.needs_header
+                && self.file.is_some()
+                && let Some(header) = self.header.take()
+            {
+                self.put(&header);
+                self.header = Some(header);
+            }
+            self.needs_header = false;
         }
+        self.put(buf);
+        if let Some(&last) = buf.last() {
+            self.at_line_start = last == b'\n';
+        }
+    }
+
+    fn put(&mut self, buf: &[u8]) {
         if let Some(f) = self.file.as_mut() {
             match f.write_all(buf) {
                 // Buffered only: the failure spell ends at a flush that reaches the file.
@@ -169,14 +298,14 @@ impl OutputFile {
                     // Drop the buffered remainder; the next line starts clean in a reopened file.
                     // Nothing buffered is left: only a later write that reaches the file ends
                     // the failure spell (else an empty flush of the reopened file would, and
-                    // the next failure would be reported again).
-                    self.file = None;
-                    self.pending = false;
+                    // the next failure would be reported again). `buf` counts as lost whole
+                    // (a direct write of a large one may have written part of it).
+                    self.lost.dropped(buf);
+                    self.discard();
                 }
             }
-        }
-        if let Some(&last) = buf.last() {
-            self.at_line_start = last == b'\n';
+        } else {
+            self.lost.dropped(buf);
         }
     }
 }
@@ -203,9 +332,8 @@ impl Write for OutputFile {
                 }
                 Ok(()) => {}
                 Err(e) => {
-                    self.pending = false;
                     self.report("writing to", &e);
-                    self.file = None;
+                    self.discard();
                 }
             }
         }
@@ -220,6 +348,21 @@ impl Drop for OutputFile {
     fn drop(&mut self) {
         let _ = self.flush();
     }
+}
+
+/// Whether `--output` names stdout (`-`), in every mode.
+pub fn is_stdout(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// `--output -`: stdout, buffered. Binary records are refused on a terminal.
+pub fn stdout_output(binary: bool) -> anyhow::Result<BufWriter<io::Stdout>> {
+    if binary && io::IsTerminal::is_terminal(&io::stdout()) {
+        anyhow::bail!(
+            "--format binary writes binary records, not text: send --output - to a file or a pipe (e.g. | tcptrace analyze -)"
+        );
+    }
+    Ok(BufWriter::with_capacity(1 << 16, io::stdout()))
 }
 
 /// Parses sizes such as `100M`, `1.5G`, `64KiB`, `4096`.
@@ -271,6 +414,36 @@ mod tests {
         f.write_all(b"another line\n").unwrap();
         f.flush().unwrap(); // fails again: still the same spell
         assert!(f.failing);
+    }
+
+    /// What a full disk took is counted, line by line, and fails the run at its end (live
+    /// tracing goes on past write errors, but must not then exit as if all was well).
+    #[test]
+    fn what_a_full_disk_drops_is_counted_and_fails_the_run() {
+        let path = Path::new("/dev/full");
+        let f = OutputFile::create(path).unwrap();
+        let lost = f.lost();
+        let mut f = f;
+        for i in 0..3000 {
+            writeln!(f, "line {i:04} of the capture").unwrap();
+        }
+        f.flush().unwrap();
+        drop(f);
+        assert_eq!(lost.lines.load(Ordering::Relaxed), 3000);
+        assert_eq!(lost.bytes.load(Ordering::Relaxed), 3000 * 25);
+        let err = lost.check(path).expect_err("output was lost").to_string();
+        assert!(
+            err.starts_with("3000 lines of output (75000 bytes) could not be written to /dev/full"),
+            "{err}"
+        );
+
+        let p = tmp("nothing-lost");
+        let f = OutputFile::create(&p).unwrap();
+        let lost = f.lost();
+        let mut f = f;
+        writeln!(f, "fine").unwrap();
+        drop(f);
+        assert!(lost.check(&p).is_ok());
     }
 
     #[test]
@@ -355,6 +528,63 @@ mod tests {
             one_write
                 .iter()
                 .all(|t| t.len() <= 100 + 40 && t.ends_with('\n'))
+        );
+    }
+
+    /// CSV's header: every file tcptrace starts (the first, each rotation, a reopened new
+    /// file) begins with exactly one; a file appended to gets none mid-file.
+    #[test]
+    fn every_file_started_begins_with_the_header_and_an_appended_one_gets_none() {
+        let header = b"type,n\n".to_vec();
+        let p = tmp("header-rotate");
+        let rotation = Rotation {
+            max_bytes: 100,
+            keep: 2,
+        };
+        let mut f = OutputFile::with_rotation(&p, rotation)
+            .unwrap()
+            .with_header(header.clone());
+        for i in 0..30 {
+            write!(f, "row,").unwrap();
+            writeln!(f, "{i:020}").unwrap();
+        }
+        drop(f);
+        for path in [
+            p.with_extension("ndjson.2"),
+            p.with_extension("ndjson.1"),
+            p.clone(),
+        ] {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                text.starts_with("type,n\nrow,"),
+                "{}: {text:?}",
+                path.display()
+            );
+            assert_eq!(text.matches("type,n").count(), 1, "{text:?}");
+        }
+
+        // A reopened file (SIGHUP after logrotate moved it) is a new file: a header.
+        let p = tmp("header-reopen");
+        let mut f = OutputFile::create(&p).unwrap().with_header(header.clone());
+        writeln!(f, "row,1").unwrap();
+        f.flush().unwrap();
+        let moved = p.with_extension("moved");
+        std::fs::rename(&p, &moved).unwrap();
+        f.reopen().unwrap();
+        writeln!(f, "row,2").unwrap();
+        drop(f);
+        assert_eq!(std::fs::read_to_string(&moved).unwrap(), "type,n\nrow,1\n");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "type,n\nrow,2\n");
+
+        // Appending to a file that has rows: no second header.
+        let p = tmp("header-append");
+        std::fs::write(&p, "type,n\nrow,0\n").unwrap();
+        let mut f = OutputFile::create(&p).unwrap().with_header(header);
+        writeln!(f, "row,1").unwrap();
+        drop(f);
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "type,n\nrow,0\nrow,1\n"
         );
     }
 

@@ -674,8 +674,10 @@ fn a_full_disk_is_reported_once_and_tracing_goes_on() {
     let port = churn(5);
     std::thread::sleep(Duration::from_millis(400));
     signal(&child, libc::SIGINT);
-    assert!(
-        wait(child, Duration::from_secs(10)).success(),
+    // Tracing went on, but the run failed: its capture is incomplete.
+    assert_eq!(
+        wait(child, Duration::from_secs(10)).code(),
+        Some(1),
         "{}",
         stderr_so_far()
     );
@@ -702,11 +704,15 @@ fn a_full_disk_is_reported_once_and_tracing_goes_on() {
     let reports: Vec<&str> = err.lines().filter(|l| l.contains("/dev/full")).collect();
     assert_eq!(
         reports.len(),
-        1,
-        "one clear error, not one per line:\n{err}"
+        2,
+        "one clear error, not one per line, and what was lost at exit:\n{err}"
     );
     assert!(
         reports[0].contains("No space left on device") && reports[0].contains("tracing goes on"),
+        "{err}"
+    );
+    assert!(
+        reports[1].starts_with("tcptrace: ") && reports[1].contains("could not be written"),
         "{err}"
     );
 }
@@ -847,4 +853,221 @@ fn csv_output_has_a_header_and_parses_back() {
     assert_eq!(ours, 10 * 10 + 2);
     assert_eq!(rows.last().unwrap().kind, "summary");
     let _ = std::io::stdout().flush();
+}
+
+/// Two transitions of one connection, as a live run writes them.
+fn two_transitions() -> String {
+    let first = r#"{"type":"transition","schema":1,"ts_ns":1000,"time":"2026-01-01T00:00:00.000001Z","conn_id":4096,"skaddr":"0x1","family":"ipv4","laddr":"127.0.0.1","lport":5555,"raddr":"127.0.0.1","rport":80,"old":"CLOSE","new":"SYN_SENT","owner_pid":7,"owner_tid":7,"owner_comm":"curl","owner_source":"kernel","task_pid":7,"task_tid":7,"task_comm":"curl","starts_conn":true,"midlife":false,"cpu":0}"#;
+    let second = first
+        .replace("\"ts_ns\":1000", "\"ts_ns\":2000")
+        .replace(
+            "\"old\":\"CLOSE\",\"new\":\"SYN_SENT\"",
+            "\"old\":\"SYN_SENT\",\"new\":\"ESTABLISHED\"",
+        )
+        .replace("\"starts_conn\":true", "\"starts_conn\":false");
+    format!("{first}\n{second}\n")
+}
+
+/// `analyze -o` writes a new file: a second conversion appended to the first would be
+/// replayed twice, and the log itself as its output would be read for ever.
+#[test]
+fn analyze_o_refuses_a_non_empty_file_and_above_all_its_own_input() {
+    let d = tmpdir("analyze-o-exists");
+    let log = d.join("log.ndjson");
+    std::fs::write(&log, two_transitions()).unwrap();
+    let log_s = log.to_str().unwrap();
+    let before = std::fs::read(&log).unwrap();
+    let o = run(&["analyze", log_s, "--view", "none", "-o", log_s]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        show("analyze log -o log", &o)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("tcptrace: ") && err.contains("is the log being analyzed"),
+        "{}",
+        show("analyze log -o log", &o)
+    );
+    assert_eq!(err.lines().count(), 1, "one sentence: {err}");
+    assert_eq!(std::fs::read(&log).unwrap(), before, "the log is untouched");
+
+    // The same file under another name is still the input.
+    let link = d.join("link.ndjson");
+    std::fs::hard_link(&log, &link).unwrap();
+    let o = run(&["analyze", log_s, "-o", link.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        show("analyze log -o link", &o)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is the log being analyzed"));
+
+    let conv = d.join("conv.ndjson");
+    let conv_s = conv.to_str().unwrap();
+    let o = run(&["analyze", log_s, "--view", "none", "-o", conv_s]);
+    assert!(o.status.success(), "{}", show("analyze -o conv", &o));
+    let first = std::fs::read(&conv).unwrap();
+    let o = run(&["analyze", log_s, "--view", "none", "-o", conv_s]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        show("analyze -o conv again", &o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already exists and is not empty"),
+        "{}",
+        show("analyze -o conv again", &o)
+    );
+    assert!(o.stdout.is_empty(), "refused before reading anything");
+    assert_eq!(std::fs::read(&conv).unwrap(), first, "not converted twice");
+
+    // An empty file, or a device, is fine.
+    let empty = d.join("empty.ndjson");
+    std::fs::write(&empty, "").unwrap();
+    let o = run(&[
+        "analyze",
+        log_s,
+        "--view",
+        "none",
+        "-o",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", show("analyze -o empty", &o));
+    assert_eq!(std::fs::read(&empty).unwrap(), first);
+    let o = run(&["analyze", log_s, "--view", "none", "-o", "/dev/null"]);
+    assert!(o.status.success(), "{}", show("analyze -o /dev/null", &o));
+}
+
+/// `-o -` is stdout, as in live mode; the report then goes to stderr, out of the records' way.
+#[test]
+fn analyze_o_dash_writes_the_records_to_stdout() {
+    let d = tmpdir("analyze-o-dash");
+    let log = d.join("log.ndjson");
+    std::fs::write(&log, two_transitions()).unwrap();
+    let o = Command::new(BIN)
+        .args(["analyze", log.to_str().unwrap(), "-o", "-"])
+        .current_dir(&d)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show("analyze -o -", &o));
+    assert!(!d.join("-").exists(), "no file named -");
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(
+        records.iter().filter(|v| v["type"] == "transition").count(),
+        2,
+        "{}",
+        show("analyze -o -", &o)
+    );
+    assert_eq!(records.last().unwrap()["type"], "summary");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("2 lines, 2 transitions"),
+        "{}",
+        show("analyze -o -", &o)
+    );
+}
+
+/// A conversion that could not be written is a failure, said once, in analyze's terms.
+#[test]
+fn analyze_o_to_a_full_disk_fails_and_says_output_was_lost() {
+    let d = tmpdir("analyze-o-full");
+    let log = d.join("log.ndjson");
+    std::fs::write(&log, two_transitions()).unwrap();
+    let o = run(&[
+        "analyze",
+        log.to_str().unwrap(),
+        "--view",
+        "none",
+        "-o",
+        "/dev/full",
+    ]);
+    let cmd = "analyze -o /dev/full";
+    assert_eq!(o.status.code(), Some(1), "{}", show(cmd, &o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("tracing"), "{}", show(cmd, &o));
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("tcptrace: ")
+            && last.contains("/dev/full")
+            && last.contains("could not be written"),
+        "{}",
+        show(cmd, &o)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2 lines, 2 transitions"));
+}
+
+/// The recorded run's losses survive a replay and a conversion (binary and back, two runs'
+/// logs concatenated): the report says them, and the converted summary carries them.
+#[test]
+fn analyze_keeps_the_recorded_runs_losses() {
+    let d = tmpdir("analyze-loss");
+    let summary = |n: u64| {
+        format!(
+            r#"{{"type":"summary","schema":1,"transitions":2,"lost":{n},"loss":{{"ringbuf_full":{n},"recursion_misses":0,"read_errors":0,"decode_errors":0,"other_events_lost":3,"timewait_hook_misses":0}},"duration_ns":5,"engine":{{}},"ringbuf_full":{n},"recursion_misses":0,"read_errors":0}}"#
+        )
+    };
+    let log = d.join("log.ndjson");
+    std::fs::write(
+        &log,
+        format!(
+            "{}{}\n{}{}\n",
+            two_transitions(),
+            summary(200),
+            two_transitions(),
+            summary(300)
+        ),
+    )
+    .unwrap();
+    let cap = d.join("cap.bin");
+    let o = run(&[
+        "analyze",
+        log.to_str().unwrap(),
+        "--view",
+        "none",
+        "-o",
+        cap.to_str().unwrap(),
+        "--format",
+        "binary",
+    ]);
+    assert!(o.status.success(), "{}", show("analyze -o cap.bin", &o));
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        report.contains("the recorded runs (2) lost 500 transitions (ringbuf_full 500)"),
+        "{}",
+        show("analyze -o cap.bin", &o)
+    );
+    let back = d.join("back.ndjson");
+    let o = run(&[
+        "analyze",
+        cap.to_str().unwrap(),
+        "--view",
+        "none",
+        "-o",
+        back.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "{}",
+        show("analyze cap.bin -o back", &o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains("the recorded run lost 500 transitions (ringbuf_full 500)"),
+        "{}",
+        show("analyze cap.bin -o back", &o)
+    );
+    let lines = ndjson_lines(&back);
+    let s = lines.last().unwrap();
+    assert_eq!(s["type"], "summary");
+    assert_eq!(s["lost"], 500);
+    assert_eq!(s["loss"]["ringbuf_full"], 500);
+    assert_eq!(s["loss"]["other_events_lost"], 6);
+    assert_eq!(s["ringbuf_full"], 500);
+    assert_eq!(lines.iter().filter(|v| v["type"] == "summary").count(), 1);
 }

@@ -140,10 +140,31 @@ pub struct Csv<W: Write> {
     clock: WallClock,
 }
 
+/// The header row, with its line end: what an output file begins each file it starts with.
+pub fn header() -> Vec<u8> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let _ = w.serialize(CsvRow::default());
+    let bytes = w.into_inner().unwrap_or_default();
+    let end = memchr::memchr(b'\n', &bytes).map_or(bytes.len(), |p| p + 1);
+    bytes[..end].to_vec()
+}
+
 impl<W: Write> Csv<W> {
+    /// Writes the header row before the first row (stdout: once).
     pub fn new(out: W, clock: WallClock) -> Csv<W> {
         Csv {
             out: csv::WriterBuilder::new().has_headers(true).from_writer(out),
+            clock,
+        }
+    }
+
+    /// Rows only: the output file writes [`header`] at the start of every file it starts
+    /// (the first, after each rotation or reopen), and none when it appends to one.
+    pub fn without_header(out: W, clock: WallClock) -> Csv<W> {
+        Csv {
+            out: csv::WriterBuilder::new()
+                .has_headers(false)
+                .from_writer(out),
             clock,
         }
     }
@@ -254,6 +275,25 @@ mod tests {
     }
 
     use std::net::SocketAddr;
+
+    /// The header an output file is handed is the one the sink writes on stdout, and the
+    /// sink writing into a file writes none of its own.
+    #[test]
+    fn the_header_row_is_the_sinks_own_and_a_file_sink_writes_none() {
+        let clock = WallClock::new(0);
+        let outs = outputs();
+        let mut with = Csv::new(Vec::new(), clock);
+        let mut without = Csv::without_header(Vec::new(), clock);
+        for o in &outs {
+            with.record(o).unwrap();
+            without.record(o).unwrap();
+        }
+        let with = with.into_inner().unwrap();
+        let without = without.into_inner().unwrap();
+        let h = header();
+        assert!(h.starts_with(b"type,schema,time,") && h.ends_with(b"\n"));
+        assert_eq!([&h[..], &without[..]].concat(), with);
+    }
 
     #[test]
     fn csv_and_ndjson_of_the_same_outputs_parse_back_into_the_same_records() {
