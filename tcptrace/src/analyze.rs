@@ -345,6 +345,14 @@ fn check_new_output(out: &Path, input: Option<&std::fs::Metadata>) -> Result<()>
 }
 
 pub fn analyze(args: AnalyzeArgs) -> Result<()> {
+    use std::io::IsTerminal as _;
+    // Without a file, a terminal on stdin would be read in silence until Ctrl-D: more
+    // likely a forgotten argument than a log typed in by hand (`-` still reads it).
+    if args.file.is_none() && io::stdin().is_terminal() {
+        anyhow::bail!(
+            "analyze needs a log: give its path (tcptrace analyze trace.ndjson), or pipe one in"
+        );
+    }
     let (input, input_meta): (Box<dyn Read>, _) = match args.file.as_deref() {
         Some(p) if p.as_os_str() != "-" => {
             let f = std::fs::File::open(p)

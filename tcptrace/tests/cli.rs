@@ -1071,3 +1071,24 @@ fn analyze_keeps_the_recorded_runs_losses() {
     assert_eq!(s["ringbuf_full"], 500);
     assert_eq!(lines.iter().filter(|v| v["type"] == "summary").count(), 1);
 }
+
+#[test]
+fn analyze_without_a_log_on_a_terminal_says_so_instead_of_waiting() {
+    // `script` gives the command a terminal on stdin (util-linux, like setpriv above).
+    let o = Command::new("script")
+        .args(["-qec", &format!("{BIN} analyze"), "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux)");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !o.status.success(),
+        "{}",
+        show("script … tcptrace analyze", &o)
+    );
+    assert!(
+        out.contains("tcptrace: analyze needs a log: give its path"),
+        "{}",
+        show("script … tcptrace analyze", &o)
+    );
+}
