@@ -391,6 +391,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 mod tests {
     use super::*;
 
+    /// A file kept with two rotations: `.2`, `.1`, then the current one.
+    fn oldest_first(p: &Path) -> [PathBuf; 3] {
+        [
+            p.with_extension("ndjson.2"),
+            p.with_extension("ndjson.1"),
+            p.to_path_buf(),
+        ]
+    }
+
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("tcptrace-out-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -465,11 +474,7 @@ mod tests {
         f.flush().unwrap();
         drop(f);
         let mut all = Vec::new();
-        for path in [
-            p.with_extension("ndjson.2"),
-            p.with_extension("ndjson.1"),
-            p.clone(),
-        ] {
+        for path in oldest_first(&p) {
             let text = std::fs::read_to_string(&path).unwrap();
             assert!(
                 text.len() <= 100 + 40,
@@ -513,14 +518,10 @@ mod tests {
                 }
             }
             drop(f);
-            [
-                p.with_extension("ndjson.2"),
-                p.with_extension("ndjson.1"),
-                p.clone(),
-            ]
-            .iter()
-            .map(|path| std::fs::read_to_string(path).unwrap())
-            .collect()
+            oldest_first(&p)
+                .iter()
+                .map(|path| std::fs::read_to_string(path).unwrap())
+                .collect()
         };
         let one_write = files("rotate-chunk", true);
         assert_eq!(one_write, files("rotate-lines", false));
@@ -549,11 +550,7 @@ mod tests {
             writeln!(f, "{i:020}").unwrap();
         }
         drop(f);
-        for path in [
-            p.with_extension("ndjson.2"),
-            p.with_extension("ndjson.1"),
-            p.clone(),
-        ] {
+        for path in oldest_first(&p) {
             let text = std::fs::read_to_string(&path).unwrap();
             assert!(
                 text.starts_with("type,n\nrow,"),
