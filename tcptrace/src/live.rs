@@ -300,7 +300,7 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
             _ = sigint.recv() => Some(Stop::Signal),
             _ = sigterm.recv() => Some(Stop::Signal),
             _ = sighup.recv() => {
-                crate::output::REOPEN.store(true, std::sync::atomic::Ordering::Relaxed);
+                crate::output::request_reopen();
                 None
             }
             _ = async {

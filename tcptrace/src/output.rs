@@ -6,10 +6,17 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Set by the SIGHUP handler; the file reopens at the next line boundary.
-pub static REOPEN: AtomicBool = AtomicBool::new(false);
+/// SIGHUPs received so far: every output file that has not seen the latest one reopens at
+/// its next line boundary. A count, not a flag one file would clear: each file reopens,
+/// and none takes the request from another.
+static HUPS: AtomicU64 = AtomicU64::new(0);
+
+/// Asks every output file to reopen at its next line boundary (SIGHUP, for logrotate).
+pub fn request_reopen() {
+    HUPS.fetch_add(1, Ordering::Relaxed);
+}
 /// Write errors on the output file since start (exported as a metric).
 pub static WRITE_ERRORS: AtomicU64 = AtomicU64::new(0);
 
@@ -82,6 +89,8 @@ pub struct OutputFile {
     header: Option<Vec<u8>>,
     /// The current file was started empty and has no header yet.
     needs_header: bool,
+    /// The SIGHUPs this file has reopened for (see `HUPS`).
+    hups_seen: u64,
 }
 
 /// The file, its size, and whether it is one that this run starts: empty, and a regular
@@ -119,6 +128,7 @@ impl OutputFile {
             pending: false,
             header: None,
             needs_header: size == 0,
+            hups_seen: HUPS.load(Ordering::Relaxed),
         })
     }
 
@@ -228,12 +238,13 @@ impl OutputFile {
     /// Housekeeping that may only happen between lines: SIGHUP reopen, rotation, and
     /// retrying a file that failed.
     fn at_boundary(&mut self) {
-        // A plain load first: this runs once per line, the swap (a locked write) once per HUP.
-        if REOPEN.load(Ordering::Relaxed)
-            && REOPEN.swap(false, Ordering::Relaxed)
-            && let Err(e) = self.reopen()
-        {
-            self.report("reopening", &e);
+        // A plain load: this runs once per line.
+        let hups = HUPS.load(Ordering::Relaxed);
+        if hups != self.hups_seen {
+            self.hups_seen = hups;
+            if let Err(e) = self.reopen() {
+                self.report("reopening", &e);
+            }
         }
         if self.rotation.max_bytes > 0
             && self.size >= self.rotation.max_bytes
@@ -594,7 +605,7 @@ mod tests {
         let moved = p.with_extension("moved");
         std::fs::rename(&p, &moved).unwrap();
         writeln!(f, "second").unwrap(); // still the moved file: no HUP yet
-        REOPEN.store(true, Ordering::Relaxed);
+        request_reopen();
         writeln!(f, "third").unwrap();
         f.flush().unwrap();
         assert_eq!(std::fs::read_to_string(&moved).unwrap(), "first\nsecond\n");
