@@ -42,6 +42,8 @@ pub struct Findings {
     pub recorded_runs: u64,
     pub recorded_lost: u64,
     pub recorded_loss: Loss,
+    /// The recorded runs' own durations, summed (a conversion keeps them too).
+    pub recorded_duration_ns: u64,
 }
 
 impl Findings {
@@ -80,6 +82,7 @@ impl Findings {
         l.other_events_lost += loss.other_events_lost;
         l.timewait_hook_misses += loss.timewait_hook_misses;
         self.recorded_lost += top("lost").unwrap_or_else(|| loss.total());
+        self.recorded_duration_ns += top("duration_ns").unwrap_or(0);
         self.recorded_runs += 1;
     }
 }
@@ -444,6 +447,7 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
         transitions: pipeline.transitions(),
         lost: findings.recorded_lost,
         loss: findings.recorded_loss,
+        duration_ns: findings.recorded_duration_ns,
         engine: stats,
         ..RunSummary::default()
     };

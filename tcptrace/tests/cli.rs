@@ -1069,6 +1069,8 @@ fn analyze_keeps_the_recorded_runs_losses() {
     assert_eq!(s["loss"]["ringbuf_full"], 500);
     assert_eq!(s["loss"]["other_events_lost"], 6);
     assert_eq!(s["ringbuf_full"], 500);
+    // The two recorded runs lasted 5 ns each.
+    assert_eq!(s["duration_ns"], 10);
     assert_eq!(lines.iter().filter(|v| v["type"] == "summary").count(), 1);
 }
 
