@@ -162,8 +162,9 @@ pub struct AnalyzeArgs {
     /// What to print.
     #[arg(long, value_enum, default_value_t = View::All)]
     pub view: View,
-    /// Write the replay's records (transitions, lifecycles, alerts, summary) to FILE.
-    #[arg(short, long, value_name = "FILE")]
+    /// Write the replay's records (transitions, lifecycles, alerts, summary) to OUT, a new
+    /// file (an existing one must be empty), or - for stdout.
+    #[arg(short, long, value_name = "OUT")]
     pub output: Option<PathBuf>,
     /// Format of --output (binary converts a log into a binary capture).
     #[arg(long, value_enum, default_value_t = FileFormat::Ndjson, requires = "output")]
