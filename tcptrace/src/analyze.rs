@@ -449,7 +449,6 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
         loss: findings.recorded_loss,
         duration_ns: findings.recorded_duration_ns,
         engine: stats,
-        ..RunSummary::default()
     };
     pipeline
         .summary(&summary)
