@@ -263,6 +263,13 @@ impl Feeder<'_> {
             // A lifecycle, an alert, or (rarely) the recorded run's summary: our own lifecycle
             // lines, the common case, are told apart by their first bytes.
             Ok(None) => {
+                // A recorded run's start goes on to the outputs, as its first line did.
+                if line.starts_with(b"{\"type\":\"start\"")
+                    && let Ok(s) = serde_json::from_slice::<crate::sink::RunStart>(line)
+                {
+                    self.pipeline.start(&s).context("writing output")?;
+                    return Ok(Ok(()));
+                }
                 if !line.starts_with(b"{\"type\":\"lifecycle\"")
                     && memchr::memmem::find(line, b"\"summary\"").is_some()
                 {

@@ -248,6 +248,12 @@ pub async fn run(pipeline: &mut Pipeline, mut opts: LiveOptions) -> Result<(Stop
     for w in tracer.warnings() {
         log::warn!("{w}");
     }
+    // First in every output, once the programs are attached (a run that could not start
+    // writes nothing).
+    let clock = crate::sink::time::WallClock::new(kernel::wall_offset_ns());
+    pipeline
+        .start(&crate::sink::RunStart::now(&clock, kernel::monotonic_ns()))
+        .context("writing output")?;
     // After attaching, so that nothing falls between the snapshot and the live stream;
     // before dropping capabilities, which reading other processes' fds and entering
     // their namespaces need.

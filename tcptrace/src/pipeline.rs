@@ -7,7 +7,7 @@ use crate::cli::EngineArgs;
 use crate::engine::{Engine, EngineConfig, Output};
 use crate::event::Transition;
 use crate::rules::RulesConfig;
-use crate::sink::{RunSummary, Sink};
+use crate::sink::{RunStart, RunSummary, Sink};
 
 /// An observer of every output (tests, demo, analyze's report).
 type Tap = Box<dyn FnMut(&Output)>;
@@ -142,6 +142,14 @@ impl Pipeline {
         for s in &mut self.sinks {
             s.set_clock(clock);
         }
+    }
+
+    /// Where a run begins, to every sink, before anything else it writes.
+    pub fn start(&mut self, s: &RunStart) -> io::Result<()> {
+        for sink in &mut self.sinks {
+            sink.start(s)?;
+        }
+        Ok(())
     }
 
     pub fn summary(&mut self, s: &RunSummary) -> io::Result<()> {

@@ -195,8 +195,24 @@ fn default_daemon_logs_accepts_time_wait_and_sockets_present_at_start() {
     assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0);
     drop(c);
     std::thread::sleep(Duration::from_millis(300));
+    let pid = child.id();
     stop(child);
     let lines = ndjson_lines(&out);
+    // The log begins with the run's start: runs appended to one file are told apart.
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(lines[0]["type"], "start", "{}", lines[0]);
+    assert_eq!(lines[0]["pid"], pid, "{}", lines[0]);
+    assert_eq!(lines[0]["boot_id"], boot_id.trim(), "{}", lines[0]);
+    assert_eq!(
+        lines[0]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1..].iter().all(|v| v["type"] != "start"),
+        "one start per run"
+    );
     let on = |v: &&serde_json::Value| v["lport"] == port || v["rport"] == port;
     let present: Vec<_> = lines
         .iter()
@@ -1012,13 +1028,20 @@ fn analyze_keeps_the_recorded_runs_losses() {
             r#"{{"type":"summary","schema":1,"transitions":2,"lost":{n},"loss":{{"ringbuf_full":{n},"recursion_misses":0,"read_errors":0,"decode_errors":0,"other_events_lost":3,"timewait_hook_misses":0}},"duration_ns":5,"engine":{{}},"ringbuf_full":{n},"recursion_misses":0,"read_errors":0}}"#
         )
     };
+    let start = |pid: u32| {
+        format!(
+            r#"{{"type":"start","schema":1,"ts_ns":500,"time":"2026-01-01T00:00:00.0000005Z","version":"0.1.0","pid":{pid},"host":"h","boot_id":"b"}}"#
+        )
+    };
     let log = d.join("log.ndjson");
     std::fs::write(
         &log,
         format!(
-            "{}{}\n{}{}\n",
+            "{}\n{}{}\n{}\n{}{}\n",
+            start(7),
             two_transitions(),
             summary(200),
+            start(8),
             two_transitions(),
             summary(300)
         ),
@@ -1071,6 +1094,13 @@ fn analyze_keeps_the_recorded_runs_losses() {
     assert_eq!(s["ringbuf_full"], 500);
     // The two recorded runs lasted 5 ns each.
     assert_eq!(s["duration_ns"], 10);
+    // Each run's start is kept where it was.
+    let starts: Vec<_> = lines.iter().filter(|v| v["type"] == "start").collect();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_eq!(
+        (&lines[0]["pid"], &starts[1]["pid"]),
+        (&7.into(), &8.into())
+    );
     assert_eq!(lines.iter().filter(|v| v["type"] == "summary").count(), 1);
 }
 

@@ -36,7 +36,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 
 use super::time::WallClock;
-use super::{RunSummary, Sink};
+use super::{RunStart, RunSummary, Sink};
 use crate::engine::Output;
 use crate::event::{
     Comm, ConnMeta, EventKind, OwnerVia, Task, TcpState, Transition, ip_from_wire, ip_to_wire,
@@ -316,6 +316,10 @@ impl<W: Write> Sink for Binary<W> {
             // Recomputed from the transitions by `analyze`.
             Output::Lifecycle(_) | Output::Alert(_) => Ok(()),
         }
+    }
+
+    fn start(&mut self, s: &RunStart) -> io::Result<()> {
+        super::ndjson::write_start(&mut self.out, s)
     }
 
     fn summary(&mut self, s: &RunSummary) -> io::Result<()> {

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use serde::{Deserialize, Serialize};
 
 use super::time::WallClock;
-use super::{RunSummary, SCHEMA_VERSION, Sink};
+use super::{RunStart, RunSummary, SCHEMA_VERSION, Sink};
 use crate::engine::{Output, Role};
 
 /// One CSV row. Field order is the column order (documented in the README).
@@ -185,6 +185,18 @@ fn io_err(e: csv::Error) -> io::Error {
 impl<W: Write> Sink for Csv<W> {
     fn record(&mut self, out: &Output) -> io::Result<()> {
         self.out.serialize(row(&self.clock, out)).map_err(io_err)
+    }
+
+    fn start(&mut self, s: &RunStart) -> io::Result<()> {
+        self.out
+            .serialize(CsvRow {
+                kind: "start".into(),
+                schema: SCHEMA_VERSION,
+                time: s.time.clone(),
+                ts_ns: s.ts_ns,
+                ..CsvRow::default()
+            })
+            .map_err(io_err)
     }
 
     fn summary(&mut self, s: &RunSummary) -> io::Result<()> {

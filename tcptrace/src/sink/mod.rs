@@ -60,12 +60,53 @@ pub struct RunSummary {
     pub engine: EngineStats,
 }
 
+/// Where a run begins, written first to every machine-readable output: a log a restarted
+/// daemon appended to is told apart by run (`conn_id`s start over with each one), even when
+/// a run was killed before its summary.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct RunStart {
+    /// CLOCK_MONOTONIC, as every `ts_ns`.
+    pub ts_ns: u64,
+    /// The same instant, RFC 3339 UTC.
+    pub time: String,
+    /// tcptrace's version.
+    pub version: String,
+    pub pid: u32,
+    /// The host name, and the kernel's boot id (`ts_ns` restarts at each boot).
+    pub host: String,
+    pub boot_id: String,
+}
+
+impl RunStart {
+    /// Now, on this host.
+    pub fn now(clock: &time::WallClock, mono_ns: u64) -> RunStart {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
+        RunStart {
+            ts_ns: mono_ns,
+            time: clock.rfc3339(mono_ns),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            host: read("/proc/sys/kernel/hostname"),
+            boot_id: read("/proc/sys/kernel/random/boot_id"),
+        }
+    }
+}
+
 /// One destination for the engine's outputs.
 pub trait Sink {
     /// One transition, lifecycle or alert. An error stops tracing only where going on is
     /// pointless (stdout's reader went away); file sinks report their own write errors and
     /// keep the tracer running.
     fn record(&mut self, out: &Output) -> io::Result<()>;
+    /// Where a run begins (machine-readable outputs write it first).
+    fn start(&mut self, _s: &RunStart) -> io::Result<()> {
+        Ok(())
+    }
     /// The end-of-run summary.
     fn summary(&mut self, s: &RunSummary) -> io::Result<()>;
     /// The wall clock to show times by, once known: a replay learns it from its log.
@@ -79,6 +120,10 @@ pub trait Sink {
 impl<S: Sink> Sink for std::rc::Rc<std::cell::RefCell<S>> {
     fn record(&mut self, out: &Output) -> io::Result<()> {
         self.borrow_mut().record(out)
+    }
+
+    fn start(&mut self, s: &RunStart) -> io::Result<()> {
+        self.borrow_mut().start(s)
     }
 
     fn summary(&mut self, s: &RunSummary) -> io::Result<()> {

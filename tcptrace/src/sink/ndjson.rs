@@ -15,7 +15,7 @@ pub use self::parse::{
     ParseError, parse_transition, parse_transition_bytes, parse_transition_json,
 };
 use super::time::{Rfc3339Cache, WallClock};
-use super::{RunSummary, SCHEMA_VERSION, Sink};
+use super::{RunStart, RunSummary, SCHEMA_VERSION, Sink};
 use crate::engine::{Output, TransitionRecord};
 use crate::event::{Comm, OwnerVia};
 
@@ -313,6 +313,27 @@ pub fn encode_transition_into(
     c.put(b"}\n");
 }
 
+/// The start line (also what a binary capture records its start as).
+pub fn write_start(out: &mut impl Write, s: &RunStart) -> io::Result<()> {
+    #[derive(Serialize)]
+    struct StartLine<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        schema: u32,
+        #[serde(flatten)]
+        s: &'a RunStart,
+    }
+    serde_json::to_writer(
+        &mut *out,
+        &StartLine {
+            kind: "start",
+            schema: SCHEMA_VERSION,
+            s,
+        },
+    )?;
+    out.write_all(b"\n")
+}
+
 /// The summary line (also what a binary capture records its summary as).
 pub fn write_summary(out: &mut impl Write, s: &RunSummary) -> io::Result<()> {
     #[derive(Serialize)]
@@ -396,6 +417,10 @@ impl<W: Write> Sink for Ndjson<W> {
         }
         rare.push(b'\n');
         self.out.write_all(rare)
+    }
+
+    fn start(&mut self, s: &RunStart) -> io::Result<()> {
+        write_start(&mut self.out, s)
     }
 
     fn summary(&mut self, s: &RunSummary) -> io::Result<()> {

@@ -31,7 +31,7 @@ pub enum ParseError {
     #[error("JSON, but not a tcptrace record: {0}")]
     NotRecord(String),
     #[error(
-        "unknown record type {0:?} (known: transition, accept, handoff, present, vanished, lifecycle, alert, summary)"
+        "unknown record type {0:?} (known: start, transition, accept, handoff, present, vanished, lifecycle, alert, summary)"
     )]
     UnknownType(String),
     #[error(
@@ -41,7 +41,7 @@ pub enum ParseError {
 }
 
 /// Record types of schema 1 that carry no transition: read past.
-const OTHER_RECORD_TYPES: [&str; 3] = ["lifecycle", "alert", "summary"];
+const OTHER_RECORD_TYPES: [&str; 4] = ["start", "lifecycle", "alert", "summary"];
 
 #[derive(Deserialize)]
 struct Line<'a> {

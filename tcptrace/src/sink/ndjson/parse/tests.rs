@@ -339,10 +339,10 @@ fn lines_that_are_no_transition_say_what_they_are() {
     // A typo'd record type is an error, not a line silently read past.
     assert_eq!(
         err("{\"type\":\"transtion\",\"schema\":1,\"ts_ns\":1}"),
-        "unknown record type \"transtion\" (known: transition, accept, handoff, present, vanished, lifecycle, alert, summary)"
+        "unknown record type \"transtion\" (known: start, transition, accept, handoff, present, vanished, lifecycle, alert, summary)"
     );
     // Our other record types are read past.
-    for kind in ["lifecycle", "alert", "summary"] {
+    for kind in ["start", "lifecycle", "alert", "summary"] {
         let l = format!("{{\"type\":\"{kind}\",\"schema\":1}}");
         assert_eq!(parse_transition(&l), Ok(None), "{l}");
     }
