@@ -211,6 +211,8 @@ pub fn run_one(
 /// summary of its own replay).
 fn count_capture(bin: &Path, capture: &Path, ports: &[u16]) -> Result<Seen> {
     let converted = capture.with_extension("ndjson");
+    // A leftover of an interrupted bench: analyze -o writes only a new file.
+    std::fs::remove_file(&converted).ok();
     let status = Command::new(bin)
         .arg("analyze")
         .arg(capture)

@@ -63,6 +63,8 @@ pub fn replay_throughput(
         }
     }
     let capture = log.with_extension("bin");
+    // A leftover of an interrupted bench: analyze -o writes only a new file.
+    std::fs::remove_file(&capture).ok();
     let converted = Command::new(bin)
         .arg("analyze")
         .arg(log)
