@@ -14,7 +14,7 @@ use crate::engine::{EndReason, Engine, Output};
 use crate::event::{TcpState, Transition};
 use crate::pipeline::{Pipeline, engine_config};
 use crate::sink::binary;
-use crate::sink::ndjson::{Ndjson, parse_transition_bytes};
+use crate::sink::ndjson::parse_transition_bytes;
 use crate::sink::terminal::Terminal;
 use crate::sink::time::{WallClock, human};
 use crate::sink::{Loss, RunSummary, Sink};
@@ -47,9 +47,8 @@ pub struct Findings {
 }
 
 impl Findings {
-    /// A recorded `summary` line (NDJSON, also how a binary capture keeps it). Rare: parsed
-    /// with serde, off the transitions' path. Fields an older log lacks count as 0.
-    #[cold]
+    /// A recorded `summary` line (NDJSON, also how a binary capture keeps it), parsed with
+    /// serde. Fields an older log lacks count as 0.
     fn recorded_summary(&mut self, line: &[u8]) {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
             return;
@@ -74,13 +73,7 @@ impl Findings {
             other_events_lost: cause("other_events_lost"),
             timewait_hook_misses: cause("timewait_hook_misses"),
         };
-        let l = &mut self.recorded_loss;
-        l.ringbuf_full += loss.ringbuf_full;
-        l.recursion_misses += loss.recursion_misses;
-        l.read_errors += loss.read_errors;
-        l.decode_errors += loss.decode_errors;
-        l.other_events_lost += loss.other_events_lost;
-        l.timewait_hook_misses += loss.timewait_hook_misses;
+        self.recorded_loss += loss;
         self.recorded_lost += top("lost").unwrap_or_else(|| loss.total());
         self.recorded_duration_ns += top("duration_ns").unwrap_or(0);
         self.recorded_runs += 1;
@@ -260,25 +253,32 @@ impl Feeder<'_> {
                 self.feed(&t, None, line)?;
                 Ok(())
             }
-            // A lifecycle, an alert, or (rarely) the recorded run's summary: our own lifecycle
-            // lines, the common case, are told apart by their first bytes.
+            // A lifecycle (the common case, told apart by its first bytes), an alert, or a
+            // recorded run's start or summary.
             Ok(None) => {
-                // A recorded run's start goes on to the outputs, as its first line did.
-                if line.starts_with(b"{\"type\":\"start\"")
-                    && let Ok(s) = serde_json::from_slice::<crate::sink::RunStart>(line)
-                {
-                    self.pipeline.start(&s).context("writing output")?;
-                    return Ok(Ok(()));
-                }
-                if !line.starts_with(b"{\"type\":\"lifecycle\"")
-                    && memchr::memmem::find(line, b"\"summary\"").is_some()
-                {
-                    self.f.recorded_summary(line);
+                if !line.starts_with(b"{\"type\":\"lifecycle\"") {
+                    self.run_record(line)?;
                 }
                 Ok(())
             }
             Err(e) => Err(e.to_string()),
         })
+    }
+
+    /// A line that is no transition nor lifecycle: a recorded run's start goes on to the
+    /// outputs, as its first line did, and its summary's loss is kept. Rare: off the
+    /// per-line path.
+    #[cold]
+    #[inline(never)]
+    fn run_record(&mut self, line: &[u8]) -> Result<()> {
+        if line.starts_with(b"{\"type\":\"start\"")
+            && let Ok(s) = serde_json::from_slice::<crate::sink::RunStart>(line)
+        {
+            self.pipeline.start(&s).context("writing output")?;
+        } else if memchr::memmem::find(line, b"\"summary\"").is_some() {
+            self.f.recorded_summary(line);
+        }
+        Ok(())
     }
 }
 
@@ -389,21 +389,18 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
             })
         } else {
             check_new_output(p, input_meta.as_ref())?;
-            let mut f =
-                crate::output::OutputFile::create(p)?.for_purpose(crate::output::Purpose::Replay);
-            if args.format == FileFormat::Csv {
-                f = f.with_header(crate::sink::csv::header());
-            }
+            let f = crate::output::OutputFile::create(p)?
+                .for_purpose(crate::output::Purpose::Replay)
+                .with_header(crate::sink::file_header(args.format));
             lost = Some(f.lost());
             Box::new(f)
         };
-        sinks.push(match args.format {
-            FileFormat::Ndjson => Box::new(Ndjson::new(file, clock)),
-            FileFormat::Csv if stdout_taken => Box::new(crate::sink::csv::Csv::new(file, clock)),
-            // The output file writes the header.
-            FileFormat::Csv => Box::new(crate::sink::csv::Csv::without_header(file, clock)),
-            FileFormat::Binary => Box::new(binary::Binary::new(file, clock)),
-        });
+        sinks.push(crate::sink::for_format(
+            args.format,
+            file,
+            clock,
+            stdout_taken,
+        ));
     }
     // The printer is the live view's own sink; it learns the log's wall clock from the
     // first transition. When the records go to stdout (`-o -`), it prints only the report,
@@ -573,16 +570,12 @@ fn recorded_loss(f: &Findings) -> String {
         1 => "the recorded run".to_string(),
         n => format!("the recorded runs ({n})"),
     };
-    let causes: Vec<String> = [
-        ("ringbuf_full", l.ringbuf_full),
-        ("recursion_misses", l.recursion_misses),
-        ("read_errors", l.read_errors),
-        ("decode_errors", l.decode_errors),
-    ]
-    .iter()
-    .filter(|(_, n)| *n > 0)
-    .map(|(k, n)| format!("{k} {n}"))
-    .collect();
+    let causes: Vec<String> = Loss::CAUSES
+        .iter()
+        .zip(l.causes())
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
     let mut s = if f.recorded_lost == 0 {
         format!("{who} lost no transitions")
     } else if causes.is_empty() {

@@ -14,7 +14,6 @@ use crate::engine::{Engine, Output};
 use crate::kernel::{self, KernelCounters, Tracer, TracerConfig};
 use crate::pipeline::{Pipeline, engine_config};
 use crate::preexisting::{Adopted, Adopter};
-use crate::sink::ndjson::Ndjson;
 use crate::sink::terminal::Terminal;
 use crate::sink::time::WallClock;
 use crate::sink::{Loss, RunSummary, Sink};
@@ -138,11 +137,8 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<(Vec<Box<dyn Sink>>, 
                 max_bytes: args.rotate_size,
                 keep: args.rotate_keep,
             };
-            let mut file = crate::output::OutputFile::with_rotation(path, rotation)?;
-            if args.format == FileFormat::Csv {
-                // Every file started (rotations, reopens) begins with it.
-                file = file.with_header(crate::sink::csv::header());
-            }
+            let file = crate::output::OutputFile::with_rotation(path, rotation)?
+                .with_header(crate::sink::file_header(args.format));
             lost = Some(file.lost());
             // Written on its own thread: the ring-buffer reader never waits on the disk. The
             // thread needs no capability, and would otherwise keep them all: they are per
@@ -157,16 +153,7 @@ pub fn sinks(args: &TraceArgs, clock: WallClock) -> Result<(Vec<Box<dyn Sink>>, 
                 },
             )?)
         };
-        match args.format {
-            FileFormat::Ndjson => sinks.push(Box::new(Ndjson::new(w, clock))),
-            FileFormat::Csv if stdout_taken => {
-                sinks.push(Box::new(crate::sink::csv::Csv::new(w, clock)))
-            }
-            FileFormat::Csv => {
-                sinks.push(Box::new(crate::sink::csv::Csv::without_header(w, clock)))
-            }
-            FileFormat::Binary => sinks.push(Box::new(crate::sink::binary::Binary::new(w, clock))),
-        }
+        sinks.push(crate::sink::for_format(args.format, w, clock, stdout_taken));
     }
     Ok((sinks, lost))
 }

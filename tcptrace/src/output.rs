@@ -134,8 +134,8 @@ impl OutputFile {
 
     /// A line to begin every file this starts with (the first, each rotated-to and each
     /// reopened one, when empty): CSV's header row. A file appended to already has one.
-    pub fn with_header(mut self, header: Vec<u8>) -> OutputFile {
-        self.header = Some(header);
+    pub fn with_header(mut self, header: Option<Vec<u8>>) -> OutputFile {
+        self.header = header;
         self
     }
 
@@ -228,6 +228,11 @@ impl OutputFile {
         if let Err(e) = self.close() {
             self.report("writing to", &e);
         }
+        self.open()
+    }
+
+    /// Opens the path (again): a file this starts empty gets the header.
+    fn open(&mut self) -> io::Result<()> {
         let (f, size, new) = open(&self.path)?;
         self.file = Some(f);
         self.size = size;
@@ -252,15 +257,10 @@ impl OutputFile {
         {
             self.report("rotating", &e);
         }
-        if self.file.is_none() {
-            match open(&self.path) {
-                Ok((f, size, new)) => {
-                    self.file = Some(f);
-                    self.size = size;
-                    self.needs_header = new;
-                }
-                Err(e) => self.report("opening", &e),
-            }
+        if self.file.is_none()
+            && let Err(e) = self.open()
+        {
+            self.report("opening", &e);
         }
     }
 }
@@ -555,7 +555,7 @@ mod tests {
         };
         let mut f = OutputFile::with_rotation(&p, rotation)
             .unwrap()
-            .with_header(header.clone());
+            .with_header(Some(header.clone()));
         for i in 0..30 {
             write!(f, "row,").unwrap();
             writeln!(f, "{i:020}").unwrap();
@@ -573,7 +573,9 @@ mod tests {
 
         // A reopened file (SIGHUP after logrotate moved it) is a new file: a header.
         let p = tmp("header-reopen");
-        let mut f = OutputFile::create(&p).unwrap().with_header(header.clone());
+        let mut f = OutputFile::create(&p)
+            .unwrap()
+            .with_header(Some(header.clone()));
         writeln!(f, "row,1").unwrap();
         f.flush().unwrap();
         let moved = p.with_extension("moved");
@@ -587,7 +589,7 @@ mod tests {
         // Appending to a file that has rows: no second header.
         let p = tmp("header-append");
         std::fs::write(&p, "type,n\nrow,0\n").unwrap();
-        let mut f = OutputFile::create(&p).unwrap().with_header(header);
+        let mut f = OutputFile::create(&p).unwrap().with_header(Some(header));
         writeln!(f, "row,1").unwrap();
         drop(f);
         assert_eq!(

@@ -59,12 +59,7 @@ pub const HANDSHAKE_BUCKETS: [f64; 17] = [
     2.5, 5.0, 10.0,
 ];
 /// `cause` label values of `tcptrace_events_lost_total`, in [`Loss`] field order.
-pub const LOSS_CAUSES: [&str; 4] = [
-    "ringbuf_full",
-    "recursion_misses",
-    "read_errors",
-    "decode_errors",
-];
+pub const LOSS_CAUSES: [&str; 4] = Loss::CAUSES;
 /// Distinct `rule` label values at most (a replayed log could name any rule); the rest
 /// are counted under `rule="other"`.
 const MAX_RULE_LABELS: usize = 32;
@@ -408,13 +403,7 @@ impl Metrics {
     }
 
     fn observe_loss(&self, loss: &Loss) {
-        let totals = [
-            loss.ringbuf_full,
-            loss.recursion_misses,
-            loss.read_errors,
-            loss.decode_errors,
-        ];
-        for (c, n) in self.lost.iter().zip(totals) {
+        for (c, n) in self.lost.iter().zip(loss.causes()) {
             mirror(c, n);
         }
         mirror(&self.other_lost, loss.other_events_lost);

@@ -12,6 +12,7 @@ use std::io;
 
 use serde::Serialize;
 
+use crate::cli::FileFormat;
 use crate::engine::{EngineStats, Output};
 
 /// Version of every machine-readable record tcptrace writes (NDJSON and CSV). Bumped on
@@ -42,8 +43,39 @@ pub struct Loss {
 }
 
 impl Loss {
+    /// The causes of lost transitions (what `total` sums), by name, in field order: the
+    /// `cause` label values of `tcptrace_events_lost_total`.
+    pub const CAUSES: [&'static str; 4] = [
+        "ringbuf_full",
+        "recursion_misses",
+        "read_errors",
+        "decode_errors",
+    ];
+
+    /// The counts of [`Loss::CAUSES`], in that order.
+    pub fn causes(&self) -> [u64; 4] {
+        [
+            self.ringbuf_full,
+            self.recursion_misses,
+            self.read_errors,
+            self.decode_errors,
+        ]
+    }
+
     pub fn total(&self) -> u64 {
-        self.ringbuf_full + self.recursion_misses + self.read_errors + self.decode_errors
+        self.causes().iter().sum()
+    }
+}
+
+/// Losses of several runs, summed (a replay of concatenated logs).
+impl std::ops::AddAssign for Loss {
+    fn add_assign(&mut self, o: Loss) {
+        self.ringbuf_full += o.ringbuf_full;
+        self.recursion_misses += o.recursion_misses;
+        self.read_errors += o.read_errors;
+        self.decode_errors += o.decode_errors;
+        self.other_events_lost += o.other_events_lost;
+        self.timewait_hook_misses += o.timewait_hook_misses;
     }
 }
 
@@ -95,6 +127,29 @@ impl RunStart {
             boot_id: read("/proc/sys/kernel/random/boot_id"),
         }
     }
+}
+
+/// The sink `--format` names, writing to `w`. CSV's header row: on stdout the sink writes
+/// it once; into an output file, the file writes it at the start of every file it starts
+/// ([`file_header`]).
+pub fn for_format(
+    format: FileFormat,
+    w: Box<dyn io::Write>,
+    clock: time::WallClock,
+    to_stdout: bool,
+) -> Box<dyn Sink> {
+    match format {
+        FileFormat::Ndjson => Box::new(ndjson::Ndjson::new(w, clock)),
+        FileFormat::Csv if to_stdout => Box::new(csv::Csv::new(w, clock)),
+        FileFormat::Csv => Box::new(csv::Csv::without_header(w, clock)),
+        FileFormat::Binary => Box::new(binary::Binary::new(w, clock)),
+    }
+}
+
+/// What an output file in `format` begins every file it starts with (see
+/// `OutputFile::with_header`): CSV's header row.
+pub fn file_header(format: FileFormat) -> Option<Vec<u8>> {
+    (format == FileFormat::Csv).then(csv::header)
 }
 
 /// One destination for the engine's outputs.
