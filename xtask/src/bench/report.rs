@@ -72,6 +72,13 @@ fn us_per_event(run: &Run) -> Option<f64> {
     (seen > 0).then(|| d.cpu_seconds / seen as f64 * 1e6)
 }
 
+/// The kernel's part of `us_per_event`: the daemon's system time per event it reported.
+fn sys_us_per_event(run: &Run) -> Option<f64> {
+    let d = run.daemon.as_ref()?;
+    let seen = run.seen.as_ref()?.transitions;
+    (seen > 0 && d.cpu_system_seconds.is_finite()).then(|| d.cpu_system_seconds / seen as f64 * 1e6)
+}
+
 /// Mean run time of the tracer's BPF program per invocation (needs BPF stats on).
 fn bpf_ns_per_event(run: &Run) -> Option<f64> {
     let p = run.daemon.as_ref()?.prog;
@@ -155,7 +162,11 @@ pub fn one_line(run: &Run) -> String {
         write!(s, ", daemon CPU {cpu:.0}%").ok();
     }
     if let Some(us) = us_per_event(run) {
-        write!(s, " ({us:.2} µs/event)").ok();
+        write!(s, " ({us:.2} µs/event").ok();
+        if let Some(sys) = sys_us_per_event(run) {
+            write!(s, ", {sys:.2} of it in the kernel").ok();
+        }
+        write!(s, ")").ok();
     }
     if let Some(ns) = bpf_ns_per_event(run) {
         write!(s, ", BPF {ns:.0} ns/event").ok();
@@ -217,6 +228,7 @@ struct Row {
     tool_lost: Option<u64>,
     cpu: Vec<f64>,
     us_per_event: Vec<f64>,
+    sys_us_per_event: Vec<f64>,
     peak_rss_kib: u64,
     startup: Vec<f64>,
     bpf_ns: Vec<f64>,
@@ -251,6 +263,7 @@ fn rows(outcome: &Outcome) -> Vec<Row> {
                 tool_lost: (!tool_lost.is_empty()).then(|| tool_lost.iter().sum()),
                 cpu: runs.iter().filter_map(|r| cpu_pct(r)).collect(),
                 us_per_event: runs.iter().filter_map(|r| us_per_event(r)).collect(),
+                sys_us_per_event: runs.iter().filter_map(|r| sys_us_per_event(r)).collect(),
                 peak_rss_kib: runs
                     .iter()
                     .filter_map(|r| Some(r.daemon.as_ref()?.peak_rss_kib))
@@ -313,7 +326,7 @@ pub fn table(outcome: &Outcome) -> String {
     writeln!(w).ok();
     writeln!(
         w,
-        "{:<17} {:>9} {:>17}   {:>6} {:>13}   {:>11} {:>11} {:>18}   {:>6} {:>6} {:>9} {:>9}",
+        "{:<17} {:>9} {:>17}   {:>6} {:>13}   {:>11} {:>11} {:>18}   {:>6} {:>6} {:>5} {:>9} {:>9}",
         "tracer",
         "conn/s",
         "(min-max)",
@@ -324,6 +337,7 @@ pub fn table(outcome: &Outcome) -> String {
         "lost (%)",
         "CPU %",
         "µs/ev",
+        "sys",
         "peak RSS",
         "BPF ns/ev"
     )
@@ -341,8 +355,8 @@ pub fn table(outcome: &Outcome) -> String {
         if row.tracer == Tracer::Untraced {
             writeln!(
                 w,
-                "{:>6} {:>13}   {:>11} {:>11} {:>18}   {:>6} {:>6} {:>9} {:>9}",
-                "1.000", "", "-", "-", "-", "-", "-", "-", "-"
+                "{:>6} {:>13}   {:>11} {:>11} {:>18}   {:>6} {:>6} {:>5} {:>9} {:>9}",
+                "1.000", "", "-", "-", "-", "-", "-", "-", "-", "-"
             )
             .ok();
             continue;
@@ -369,7 +383,7 @@ pub fn table(outcome: &Outcome) -> String {
         };
         writeln!(
             w,
-            "{:>6.3} {:>13}   {:>11} {:>11} {:>18}   {:>6.1} {:>6} {:>5} MiB {:>9}",
+            "{:>6.3} {:>13}   {:>11} {:>11} {:>18}   {:>6.1} {:>6} {:>5} {:>5} MiB {:>9}",
             median(row.ratios.clone()).unwrap_or(f64::NAN),
             format!("({rlo:.3}-{rhi:.3})"),
             expected,
@@ -377,6 +391,7 @@ pub fn table(outcome: &Outcome) -> String {
             lost,
             median(row.cpu.clone()).unwrap_or(f64::NAN),
             median(row.us_per_event.clone()).map_or("-".to_owned(), |us| format!("{us:.2}")),
+            median(row.sys_us_per_event.clone()).map_or("-".to_owned(), |us| format!("{us:.2}")),
             row.peak_rss_kib / 1024,
             median(row.bpf_ns.clone()).map_or("-".to_owned(), |ns| format!("{ns:.0}")),
         )
@@ -422,9 +437,15 @@ pub fn table(outcome: &Outcome) -> String {
     .ok();
     writeln!(
         w,
-        "µs/ev: that CPU time / the events it reported (seen), in microseconds (median)."
+        "µs/ev: that CPU time / the events it reported (seen), in microseconds (median); sys: the"
     )
     .ok();
+    writeln!(
+        w,
+        "  part of it the kernel spent on the daemon's behalf (system time: writing its output"
+    )
+    .ok();
+    writeln!(w, "  into the page cache, above all).").ok();
     if outcome
         .runs
         .iter()
@@ -604,6 +625,8 @@ fn run_json(outcome: &Outcome, run: &Run) -> Value {
             "cpu_seconds_during_load": d.cpu_seconds_in_load,
             "cpu_percent": cpu_pct(run),
             "cpu_us_per_event": us_per_event(run),
+            "cpu_system_seconds": d.cpu_system_seconds,
+            "cpu_system_us_per_event": sys_us_per_event(run),
             "peak_rss_kib": d.peak_rss_kib,
             "exit": d.exit,
             "startup_seconds": run.startup.map(|s| s.as_secs_f64()),

@@ -373,13 +373,17 @@ pub fn table(s: &Soak, command: &str, tw_reuse: &str) -> String {
         f.missing().map_or("?".into(), |m| m.to_string()),
     )
     .ok();
-    writeln!(
-        w,
-        "daemon CPU {:.0}% of one core; {:.2} µs per transition that reached it",
-        f.cpu_pct,
+    let per_transition = |seconds: f64| {
         f.transitions
             .filter(|n| *n > 0)
-            .map_or(f64::NAN, |n| s.daemon.cpu_seconds * 1e6 / n as f64)
+            .map_or(f64::NAN, |n| seconds * 1e6 / n as f64)
+    };
+    writeln!(
+        w,
+        "daemon CPU {:.0}% of one core; {:.2} µs per transition that reached it, {:.2} of it in the kernel (system time)",
+        f.cpu_pct,
+        per_transition(s.daemon.cpu_seconds),
+        per_transition(s.daemon.cpu_system_seconds),
     )
     .ok();
     writeln!(
@@ -430,6 +434,7 @@ pub fn json(s: &Soak, command: &str) -> Value {
         "expected_minus_reached": f.missing(),
         "memory_flat": f.flat(),
         "daemon_cpu_seconds": s.daemon.cpu_seconds,
+        "daemon_cpu_system_seconds": s.daemon.cpu_system_seconds,
         "daemon_cpu_percent": f.cpu_pct,
         "rss_kib": { "first": f.first, "last": f.last, "max": f.max, "drift_second_half_vs_first": f.drift },
         "samples": s.samples.iter().map(|(t, k)| json!({ "seconds": t, "rss_kib": k })).collect::<Vec<_>>(),

@@ -35,7 +35,7 @@ pub struct Running {
     pid: libc::pid_t,
     name: &'static str,
     stderr: PathBuf,
-    cpu_at_load_start: f64,
+    cpu_at_load_start: CpuTimes,
     cpu_at_load_end: f64,
     prog_at_load_start: ProgStats,
     pub startup: Duration,
@@ -67,6 +67,9 @@ pub struct Stopped {
     /// CPU (user + system) from the start of the load to exit, so the backlog a tracer drains
     /// after the load and its final flush are charged to it; its startup is not.
     pub cpu_seconds: f64,
+    /// The part of `cpu_seconds` spent in the kernel on the daemon's behalf (system time:
+    /// its writes into the page cache, above all, and its ring-buffer polls).
+    pub cpu_system_seconds: f64,
     /// CPU during the load window only.
     pub cpu_seconds_in_load: f64,
     /// ru_maxrss from wait4: the process's VmHWM when it exited.
@@ -116,7 +119,7 @@ pub fn start(mut spec: Spec, abort: &AtomicBool) -> Result<Running> {
         pid,
         name: spec.name,
         stderr: spec.stderr.clone(),
-        cpu_at_load_start: 0.0,
+        cpu_at_load_start: CpuTimes::default(),
         cpu_at_load_end: f64::NAN,
         prog_at_load_start: ProgStats::default(),
         startup: Duration::ZERO,
@@ -162,12 +165,12 @@ impl Running {
     }
 
     pub fn mark_load_start(&mut self) {
-        self.cpu_at_load_start = proc_cpu_seconds(self.pid).unwrap_or(0.0);
+        self.cpu_at_load_start = proc_cpu_times(self.pid).unwrap_or_default();
         self.prog_at_load_start = prog_stats(self.pid);
     }
 
     pub fn mark_load_end(&mut self) {
-        self.cpu_at_load_end = proc_cpu_seconds(self.pid).unwrap_or(f64::NAN);
+        self.cpu_at_load_end = proc_cpu_times(self.pid).map_or(f64::NAN, CpuTimes::total);
     }
 
     /// SIGINT, then wait up to `grace` for it to flush and exit (SIGKILL after that).
@@ -195,10 +198,15 @@ impl Running {
             }
             thread::sleep(Duration::from_millis(20));
         };
-        let total = usage.map(|u| timeval_secs(u.ru_utime) + timeval_secs(u.ru_stime));
+        let at_exit = usage.map(|u| CpuTimes {
+            user: timeval_secs(u.ru_utime),
+            system: timeval_secs(u.ru_stime),
+        });
+        let start = self.cpu_at_load_start;
         Stopped {
-            cpu_seconds: total.map_or(f64::NAN, |t| t - self.cpu_at_load_start),
-            cpu_seconds_in_load: self.cpu_at_load_end - self.cpu_at_load_start,
+            cpu_seconds: at_exit.map_or(f64::NAN, |t| t.total() - start.total()),
+            cpu_system_seconds: at_exit.map_or(f64::NAN, |t| t.system - start.system),
+            cpu_seconds_in_load: self.cpu_at_load_end - start.total(),
             peak_rss_kib: usage.map_or(0, |u| u.ru_maxrss as u64),
             exit,
             stderr_tail: tail(&self.stderr, 12),
@@ -246,16 +254,36 @@ fn timeval_secs(t: libc::timeval) -> f64 {
     t.tv_sec as f64 + t.tv_usec as f64 / 1e6
 }
 
-/// utime + stime of every thread of `pid` so far, from /proc/<pid>/stat.
-pub fn proc_cpu_seconds(pid: libc::pid_t) -> Option<f64> {
+/// CPU time of a process, split into user and system (kernel) time, in seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTimes {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+/// utime and stime of every thread of `pid` so far, from /proc/<pid>/stat.
+pub fn proc_cpu_times(pid: libc::pid_t) -> Option<CpuTimes> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_times(&stat)
+}
+
+fn parse_cpu_times(stat: &str) -> Option<CpuTimes> {
     // Fields after the parenthesised command name, which may itself contain spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / ticks)
+    Some(CpuTimes {
+        user: utime / ticks,
+        system: stime / ticks,
+    })
 }
 
 fn file_contains(path: &Path, needle: &str) -> bool {
@@ -352,5 +380,22 @@ pub fn tail(path: &Path, lines: usize) -> String {
         "(no stderr)".to_owned()
     } else {
         joined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_times_are_read_after_a_command_name_with_spaces_and_parentheses() {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let stat = "4242 (tcp trace (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
+        let t = parse_cpu_times(stat).expect("a well-formed stat line");
+        assert_eq!(t.user, 250.0 / ticks);
+        assert_eq!(t.system, 75.0 / ticks);
+        assert_eq!(t.total(), 325.0 / ticks);
+        assert_eq!(parse_cpu_times("4242 (cut short) S 1"), None);
     }
 }
