@@ -1,9 +1,11 @@
 //! The `--output` file: buffered, rotated by size at line boundaries, reopened on SIGHUP
-//! (so logrotate's move-then-HUP works), and never fatal: a full disk or an unwritable
-//! path is reported once on stderr and counted, and tracing goes on to the other outputs.
+//! (so logrotate's move-then-HUP works), kept out of the page cache once written out
+//! (`DropBehind`), and never fatal: a full disk or an unwritable path is reported once on
+//! stderr and counted, and tracing goes on to the other outputs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,18 +93,103 @@ pub struct OutputFile {
     needs_header: bool,
     /// The SIGHUPs this file has reopened for (see `HUPS`).
     hups_seen: u64,
+    /// Page-cache drop-behind for the current file, if it is one that has its own disk
+    /// pages (not a device, a pipe or tmpfs).
+    drop_behind: Option<DropBehind>,
+}
+
+/// How far the log grows between two drop-behind steps.
+const DROP_WINDOW: u64 = 8 << 20;
+
+/// Keeps a growing log from filling the page cache: every `DROP_WINDOW` bytes, starts the
+/// write-out of the window just written (asynchronously) and drops from the cache what was
+/// written out before it. A log of a busy host grows by ~100 MB/s in NDJSON; left to the
+/// page cache it evicts what the host's applications cached, and each new page costs an
+/// allocation (on this project's VM, the daemon's write of a transition took more CPU than
+/// all of its own work on it). The last window or two stay cached, for `tail -f`.
+#[derive(Debug)]
+struct DropBehind {
+    /// Offset up to which write-out was started.
+    started: u64,
+    /// Offset up to which the cache was dropped.
+    dropped: u64,
+    /// Where the file ended when opened: what came before is not this run's to drop.
+    floor: u64,
+}
+
+impl DropBehind {
+    /// For `file`, opened at `size`, if its pages are a cache of a disk's (what came
+    /// before `size` is someone else's to keep cached or not).
+    fn for_file(file: &File, is_file: bool, size: u64) -> Option<DropBehind> {
+        if !is_file {
+            return None;
+        }
+        let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: a valid open fd, and a buffer the size of `statfs`.
+        let ok = unsafe { libc::fstatfs(file.as_raw_fd(), fs.as_mut_ptr()) } == 0;
+        // SAFETY: fstatfs filled it when it returned 0.
+        // tmpfs pages are the file itself: dropping them would push it to swap.
+        if !ok || unsafe { fs.assume_init() }.f_type == libc::TMPFS_MAGIC {
+            return None;
+        }
+        Some(DropBehind {
+            started: size,
+            dropped: size,
+            floor: size,
+        })
+    }
+
+    /// `end`: the offset the kernel has the file's bytes up to.
+    #[inline]
+    fn after_write(&mut self, file: &File, end: u64) {
+        if end < self.started + DROP_WINDOW {
+            return;
+        }
+        self.step(file, end);
+    }
+
+    #[cold]
+    fn step(&mut self, file: &File, end: u64) {
+        let fd = file.as_raw_fd();
+        // The window before this one has had its write-out started a window ago; the one
+        // before that is covered again for pages that were still being written then.
+        let drop_to = self.started;
+        let drop_from = self.dropped.saturating_sub(DROP_WINDOW).max(self.floor);
+        // Advice only: a failure leaves the pages to the kernel's own reclaim.
+        // SAFETY: plain syscalls on a valid open fd.
+        unsafe {
+            libc::sync_file_range(
+                fd,
+                self.started as libc::off64_t,
+                (end - self.started) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+            if drop_to > drop_from {
+                libc::posix_fadvise(
+                    fd,
+                    drop_from as libc::off_t,
+                    (drop_to - drop_from) as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+        self.dropped = drop_to;
+        self.started = end;
+    }
 }
 
 /// The file, its size, and whether it is one that this run starts: empty, and a regular
 /// file (a device or a pipe reopened after an error is the same stream going on).
-fn open(path: &Path) -> io::Result<(BufWriter<File>, u64, bool)> {
+fn open(path: &Path) -> io::Result<(BufWriter<File>, u64, bool, Option<DropBehind>)> {
     let f = OpenOptions::new().create(true).append(true).open(path)?;
     let m = f.metadata()?;
     let size = m.len();
+    let drop_behind = DropBehind::for_file(&f, m.is_file(), size);
     Ok((
         BufWriter::with_capacity(1 << 16, f),
         size,
         size == 0 && m.is_file(),
+        drop_behind,
     ))
 }
 
@@ -114,7 +201,7 @@ impl OutputFile {
     }
 
     pub fn with_rotation(path: &Path, rotation: Rotation) -> anyhow::Result<OutputFile> {
-        let (file, size, _) = open(path)
+        let (file, size, _, drop_behind) = open(path)
             .map_err(|e| anyhow::anyhow!("cannot write the output file {}: {e}", path.display()))?;
         Ok(OutputFile {
             path: path.to_path_buf(),
@@ -129,6 +216,7 @@ impl OutputFile {
             header: None,
             needs_header: size == 0,
             hups_seen: HUPS.load(Ordering::Relaxed),
+            drop_behind,
         })
     }
 
@@ -233,10 +321,11 @@ impl OutputFile {
 
     /// Opens the path (again): a file this starts empty gets the header.
     fn open(&mut self) -> io::Result<()> {
-        let (f, size, new) = open(&self.path)?;
+        let (f, size, new, drop_behind) = open(&self.path)?;
         self.file = Some(f);
         self.size = size;
         self.needs_header = new;
+        self.drop_behind = drop_behind;
         Ok(())
     }
 
@@ -303,6 +392,9 @@ impl OutputFile {
                 Ok(()) => {
                     self.size += buf.len() as u64;
                     self.pending = true;
+                    if let Some(d) = self.drop_behind.as_mut() {
+                        d.after_write(f.get_ref(), self.size - f.buffer().len() as u64);
+                    }
                 }
                 Err(e) => {
                     self.report("writing to", &e);
@@ -409,6 +501,124 @@ mod tests {
             p.with_extension("ndjson.1"),
             p.to_path_buf(),
         ]
+    }
+
+    /// Pages of `path` in the page cache, per `DROP_WINDOW` of the file.
+    fn cached_pages_per_window(path: &Path) -> Vec<usize> {
+        let f = File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        // SAFETY: a read-only shared mapping of an open file, unmapped below; mincore only
+        // reports residency and faults nothing in.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+            let mut vec = vec![0u8; len.div_ceil(page)];
+            assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
+            libc::munmap(p, len);
+            vec.chunks(DROP_WINDOW as usize / page)
+                .map(|w| w.iter().filter(|b| **b & 1 != 0).count())
+                .collect()
+        }
+    }
+
+    /// A file on a disk's filesystem: the page cache is what drop-behind works on (the
+    /// system's temporary directory may be tmpfs, where it rightly does nothing).
+    fn on_disk(name: &str) -> PathBuf {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/test-scratch")
+            .join(format!("{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("out.ndjson")
+    }
+
+    /// A log written for long leaves the page cache behind it: what was written out is
+    /// dropped, window by window, and the last windows stay (for `tail -f`).
+    #[test]
+    fn a_growing_log_leaves_the_page_cache_behind_it_and_keeps_its_tail() {
+        let path = on_disk("drop-behind");
+        let mut f = OutputFile::create(&path).unwrap();
+        assert!(
+            f.drop_behind.is_some(),
+            "{} is on a disk's filesystem: drop-behind applies",
+            path.display()
+        );
+        let line = [[b'x'; 1023].as_slice(), b"\n"].concat();
+        let sync = File::open(&path).unwrap();
+        for _ in 0..5 {
+            for _ in 0..DROP_WINDOW / 1024 {
+                f.write_all(&line).unwrap();
+            }
+            // Written out before the next window's step drops it (the step only starts the
+            // write-out, and pages still being written stay cached).
+            f.flush().unwrap();
+            sync.sync_data().unwrap();
+        }
+        f.flush().unwrap();
+        let cached = cached_pages_per_window(&path);
+        assert_eq!(cached.len(), 5, "{cached:?}");
+        let full = DROP_WINDOW as usize / 4096;
+        assert_eq!(
+            &cached[..3],
+            &[0, 0, 0],
+            "written-out windows dropped: {cached:?}"
+        );
+        assert_eq!(cached[4], full, "the last window stays cached: {cached:?}");
+        drop(f);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// Appending to a log keeps what was there before cached, and tmpfs is left alone:
+    /// there the pages are the file (dropping them would push it to swap).
+    #[test]
+    fn drop_behind_leaves_what_it_did_not_write_and_tmpfs_alone() {
+        let path = on_disk("drop-behind-append");
+        std::fs::write(&path, vec![b'y'; DROP_WINDOW as usize]).unwrap();
+        File::open(&path).unwrap().sync_data().unwrap();
+        let mut f = OutputFile::create(&path).unwrap();
+        let chunk = vec![b'z'; DROP_WINDOW as usize];
+        for _ in 0..3 {
+            f.write_all(&chunk).unwrap();
+            f.flush().unwrap();
+            File::open(&path).unwrap().sync_data().unwrap();
+        }
+        let full = DROP_WINDOW as usize / 4096;
+        let cached = cached_pages_per_window(&path);
+        assert_eq!(
+            cached[0], full,
+            "the earlier content stays cached: {cached:?}"
+        );
+        assert_eq!(
+            cached[1], 0,
+            "this run's written-out window is dropped: {cached:?}"
+        );
+        drop(f);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+
+        let shm = Path::new("/dev/shm");
+        let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        let c = std::ffi::CString::new("/dev/shm").unwrap();
+        // SAFETY: a NUL-terminated path and a buffer the size of `statfs`.
+        let is_tmpfs = unsafe { libc::statfs(c.as_ptr(), fs.as_mut_ptr()) } == 0
+            // SAFETY: filled by statfs, which returned 0.
+            && unsafe { fs.assume_init() }.f_type == libc::TMPFS_MAGIC;
+        assert!(
+            is_tmpfs,
+            "this test expects /dev/shm to be tmpfs, as on any Linux"
+        );
+        let p = shm.join(format!("tcptrace-drop-behind-{}", std::process::id()));
+        let f = OutputFile::create(&p).unwrap();
+        assert!(f.drop_behind.is_none(), "no drop-behind on tmpfs");
+        drop(f);
+        std::fs::remove_file(&p).unwrap();
     }
 
     fn tmp(name: &str) -> PathBuf {
