@@ -115,6 +115,8 @@ struct DropBehind {
     dropped: u64,
     /// Where the file ended when opened: what came before is not this run's to drop.
     floor: u64,
+    /// Bytes written since the last step.
+    unstepped: u64,
 }
 
 impl DropBehind {
@@ -136,21 +138,39 @@ impl DropBehind {
             started: size,
             dropped: size,
             floor: size,
+            unstepped: 0,
         })
     }
 
-    /// `end`: the offset the kernel has the file's bytes up to.
+    /// After `n` more bytes went to `file`.
     #[inline]
-    fn after_write(&mut self, file: &File, end: u64) {
-        if end < self.started + DROP_WINDOW {
-            return;
+    fn after_write(&mut self, file: &File, n: usize) {
+        self.unstepped += n as u64;
+        if self.unstepped >= DROP_WINDOW {
+            self.step(file);
         }
-        self.step(file, end);
     }
 
     #[cold]
-    fn step(&mut self, file: &File, end: u64) {
+    fn step(&mut self, file: &File) {
+        self.unstepped = 0;
         let fd = file.as_raw_fd();
+        // Where the kernel has the file up to: appending, the position is its end after our
+        // last write, whoever else appends or truncates it.
+        // SAFETY: a plain syscall on a valid open fd.
+        let end = unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) };
+        let Ok(end) = u64::try_from(end) else {
+            return;
+        };
+        if end < self.started {
+            // Truncated under us (logrotate's `copytruncate`): all that is there is ours.
+            *self = DropBehind {
+                started: 0,
+                dropped: 0,
+                floor: 0,
+                unstepped: 0,
+            };
+        }
         // The window before this one has had its write-out started a window ago; the one
         // before that is covered again for pages that were still being written then.
         let drop_to = self.started;
@@ -393,7 +413,7 @@ impl OutputFile {
                     self.size += buf.len() as u64;
                     self.pending = true;
                     if let Some(d) = self.drop_behind.as_mut() {
-                        d.after_write(f.get_ref(), self.size - f.buffer().len() as u64);
+                        d.after_write(f.get_ref(), buf.len());
                     }
                 }
                 Err(e) => {
@@ -619,6 +639,45 @@ mod tests {
         assert!(f.drop_behind.is_none(), "no drop-behind on tmpfs");
         drop(f);
         std::fs::remove_file(&p).unwrap();
+    }
+
+    /// A log truncated under tcptrace (logrotate's `copytruncate`) is still left behind
+    /// by the page cache as it grows again, from its start.
+    #[test]
+    fn a_log_truncated_under_it_is_still_dropped_behind() {
+        let path = on_disk("drop-behind-truncated");
+        // Appended to: what was there is not tcptrace's to drop, until the truncation.
+        std::fs::write(&path, vec![b'y'; DROP_WINDOW as usize]).unwrap();
+        let mut f = OutputFile::create(&path).unwrap();
+        let chunk = vec![b'z'; DROP_WINDOW as usize];
+        let sync = File::open(&path).unwrap();
+        for _ in 0..3 {
+            f.write_all(&chunk).unwrap();
+            f.flush().unwrap();
+            sync.sync_data().unwrap();
+        }
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        for _ in 0..4 {
+            f.write_all(&chunk).unwrap();
+            f.flush().unwrap();
+            sync.sync_data().unwrap();
+        }
+        let full = DROP_WINDOW as usize / 4096;
+        let cached = cached_pages_per_window(&path);
+        assert_eq!(cached.len(), 4, "{cached:?}");
+        assert_eq!(
+            &cached[..2],
+            &[0, 0],
+            "written-out windows dropped: {cached:?}"
+        );
+        assert_eq!(cached[3], full, "the last window stays cached: {cached:?}");
+        drop(f);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     fn tmp(name: &str) -> PathBuf {
