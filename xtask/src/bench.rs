@@ -490,9 +490,15 @@ fn remove_big_files(raw: &Path) {
     };
     for entry in dir.flatten() {
         let path = entry.path();
-        if path
-            .extension()
-            .is_some_and(|e| e == "ndjson" || e == "out")
+        // A log kept as evidence of a round whose loss count was off stays (see
+        // `contenders::keep_if_uncounted`); the next bench run empties the directory.
+        let kept = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("-uncounted."));
+        if !kept
+            && path
+                .extension()
+                .is_some_and(|e| e == "ndjson" || e == "out")
         {
             std::fs::remove_file(&path).ok();
         }

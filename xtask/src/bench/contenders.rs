@@ -167,6 +167,7 @@ pub fn run_one(
             spec.nice = ctx.tracer_nice;
             if tracer == Tracer::TcptraceBinary {
                 let run = traced(ctx, round, tracer, spec, || count_capture(bin, &log, ports));
+                keep_if_uncounted(&run, &log, slug, ext);
                 std::fs::remove_file(&log).ok();
                 return Ok((run?, None));
             }
@@ -174,6 +175,7 @@ pub fn run_one(
             let run = traced(ctx, round, tracer, spec, || {
                 count::tcptrace_ndjson(&log, ports)
             });
+            keep_if_uncounted(&run, &log, slug, ext);
             let mut kept = None;
             if let (Ok(run), Some(keep)) = (&run, keep_log) {
                 let seen = run.seen.as_ref().expect("a traced run has counts");
@@ -202,6 +204,31 @@ pub fn run_one(
             std::fs::remove_file(&stdout).ok();
             Ok((run?, None))
         }
+    }
+}
+
+/// Keeps the log of a round where tcptrace's loss count differs from what is missing from
+/// it (`NAME-uncounted.EXT` beside it, until the next bench run empties the directory):
+/// such rounds are rare, and the log is the evidence of which connections lost what, when.
+fn keep_if_uncounted(run: &Result<Run>, log: &Path, slug: &str, ext: &str) {
+    let Ok(run) = run else { return };
+    let Some(seen) = &run.seen else { return };
+    let Some(counted) = seen.tool_reported_lost else {
+        return;
+    };
+    let missing = run.load.expected_transitions() as i64 - seen.transitions as i64;
+    if missing == counted as i64 {
+        return;
+    }
+    let kept = log.with_file_name(format!("{slug}-round{}-uncounted.{ext}", run.round));
+    // A second name for it: the replay figure may take the log too (by rename).
+    if std::fs::hard_link(log, &kept).is_ok() {
+        eprintln!(
+            "bench: round {} {}: {missing} transitions missing from the log, {counted} counted lost; the log is kept in {}",
+            run.round,
+            run.tracer.label(),
+            kept.display()
+        );
     }
 }
 
