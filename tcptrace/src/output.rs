@@ -134,12 +134,17 @@ impl DropBehind {
         if !ok || unsafe { fs.assume_init() }.f_type == libc::TMPFS_MAGIC {
             return None;
         }
-        Some(DropBehind {
+        Some(DropBehind::from(size))
+    }
+
+    /// Nothing stepped yet, in a file that ends at `size`.
+    fn from(size: u64) -> DropBehind {
+        DropBehind {
             started: size,
             dropped: size,
             floor: size,
             unstepped: 0,
-        })
+        }
     }
 
     /// After `n` more bytes went to `file`.
@@ -164,12 +169,7 @@ impl DropBehind {
         };
         if end < self.started {
             // Truncated under us (logrotate's `copytruncate`): all that is there is ours.
-            *self = DropBehind {
-                started: 0,
-                dropped: 0,
-                floor: 0,
-                unstepped: 0,
-            };
+            *self = DropBehind::from(0);
         }
         // The window before this one has had its write-out started a window ago; the one
         // before that is covered again for pages that were still being written then.
@@ -198,19 +198,26 @@ impl DropBehind {
     }
 }
 
-/// The file, its size, and whether it is one that this run starts: empty, and a regular
-/// file (a device or a pipe reopened after an error is the same stream going on).
-fn open(path: &Path) -> io::Result<(BufWriter<File>, u64, bool, Option<DropBehind>)> {
+/// An output path, opened for appending.
+struct Opened {
+    file: BufWriter<File>,
+    size: u64,
+    /// A file this run starts: empty, and a regular file (a device or a pipe reopened
+    /// after an error is the same stream going on).
+    starts_new: bool,
+    drop_behind: Option<DropBehind>,
+}
+
+fn open(path: &Path) -> io::Result<Opened> {
     let f = OpenOptions::new().create(true).append(true).open(path)?;
     let m = f.metadata()?;
     let size = m.len();
-    let drop_behind = DropBehind::for_file(&f, m.is_file(), size);
-    Ok((
-        BufWriter::with_capacity(1 << 16, f),
+    Ok(Opened {
+        drop_behind: DropBehind::for_file(&f, m.is_file(), size),
+        file: BufWriter::with_capacity(1 << 16, f),
         size,
-        size == 0 && m.is_file(),
-        drop_behind,
-    ))
+        starts_new: size == 0 && m.is_file(),
+    })
 }
 
 impl OutputFile {
@@ -221,7 +228,12 @@ impl OutputFile {
     }
 
     pub fn with_rotation(path: &Path, rotation: Rotation) -> anyhow::Result<OutputFile> {
-        let (file, size, _, drop_behind) = open(path)
+        let Opened {
+            file,
+            size,
+            drop_behind,
+            ..
+        } = open(path)
             .map_err(|e| anyhow::anyhow!("cannot write the output file {}: {e}", path.display()))?;
         Ok(OutputFile {
             path: path.to_path_buf(),
@@ -341,11 +353,11 @@ impl OutputFile {
 
     /// Opens the path (again): a file this starts empty gets the header.
     fn open(&mut self) -> io::Result<()> {
-        let (f, size, new, drop_behind) = open(&self.path)?;
-        self.file = Some(f);
-        self.size = size;
-        self.needs_header = new;
-        self.drop_behind = drop_behind;
+        let opened = open(&self.path)?;
+        self.file = Some(opened.file);
+        self.size = opened.size;
+        self.needs_header = opened.starts_new;
+        self.drop_behind = opened.drop_behind;
         Ok(())
     }
 
@@ -523,6 +535,16 @@ mod tests {
         ]
     }
 
+    fn page_size() -> usize {
+        // SAFETY: sysconf has no preconditions.
+        unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+    }
+
+    /// Pages in a `DROP_WINDOW`: what a window wholly in the page cache counts.
+    fn pages_per_window() -> usize {
+        DROP_WINDOW as usize / page_size()
+    }
+
     /// Pages of `path` in the page cache, per `DROP_WINDOW` of the file.
     fn cached_pages_per_window(path: &Path) -> Vec<usize> {
         let f = File::open(path).unwrap();
@@ -539,11 +561,10 @@ mod tests {
                 0,
             );
             assert_ne!(p, libc::MAP_FAILED);
-            let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
-            let mut vec = vec![0u8; len.div_ceil(page)];
+            let mut vec = vec![0u8; len.div_ceil(page_size())];
             assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
             libc::munmap(p, len);
-            vec.chunks(DROP_WINDOW as usize / page)
+            vec.chunks(pages_per_window())
                 .map(|w| w.iter().filter(|b| **b & 1 != 0).count())
                 .collect()
         }
@@ -585,7 +606,7 @@ mod tests {
         f.flush().unwrap();
         let cached = cached_pages_per_window(&path);
         assert_eq!(cached.len(), 5, "{cached:?}");
-        let full = DROP_WINDOW as usize / 4096;
+        let full = pages_per_window();
         assert_eq!(
             &cached[..3],
             &[0, 0, 0],
@@ -610,7 +631,7 @@ mod tests {
             f.flush().unwrap();
             File::open(&path).unwrap().sync_data().unwrap();
         }
-        let full = DROP_WINDOW as usize / 4096;
+        let full = pages_per_window();
         let cached = cached_pages_per_window(&path);
         assert_eq!(
             cached[0], full,
@@ -667,7 +688,7 @@ mod tests {
             f.flush().unwrap();
             sync.sync_data().unwrap();
         }
-        let full = DROP_WINDOW as usize / 4096;
+        let full = pages_per_window();
         let cached = cached_pages_per_window(&path);
         assert_eq!(cached.len(), 4, "{cached:?}");
         assert_eq!(

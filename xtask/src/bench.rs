@@ -494,7 +494,7 @@ fn remove_big_files(raw: &Path) {
         // `contenders::keep_if_uncounted`); the next bench run empties the directory.
         let kept = path
             .file_name()
-            .is_some_and(|n| n.to_string_lossy().contains("-uncounted."));
+            .is_some_and(|n| n.to_string_lossy().contains(contenders::UNCOUNTED));
         if !kept
             && path
                 .extension()

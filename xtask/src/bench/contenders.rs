@@ -13,7 +13,7 @@ use super::bcc::{self, Bcc};
 use super::count::{self, Seen};
 use super::load::{self, LoadConfig};
 use super::tracer::{self, Readiness, Spec};
-use super::{Run, Tracer};
+use super::{Run, Tracer, report};
 
 /// The tracers that could be prepared, and why the others could not.
 pub struct Contenders {
@@ -207,20 +207,18 @@ pub fn run_one(
     }
 }
 
+/// What names a log kept by `keep_if_uncounted`, before its extension.
+pub const UNCOUNTED: &str = "-uncounted.";
+
 /// Keeps the log of a round where tcptrace's loss count differs from what is missing from
 /// it (`NAME-uncounted.EXT` beside it, until the next bench run empties the directory):
 /// such rounds are rare, and the log is the evidence of which connections lost what, when.
 fn keep_if_uncounted(run: &Result<Run>, log: &Path, slug: &str, ext: &str) {
     let Ok(run) = run else { return };
-    let Some(seen) = &run.seen else { return };
-    let Some(counted) = seen.tool_reported_lost else {
+    let Some((missing, counted)) = report::count_gap(run) else {
         return;
     };
-    let missing = run.load.expected_transitions() as i64 - seen.transitions as i64;
-    if missing == counted as i64 {
-        return;
-    }
-    let kept = log.with_file_name(format!("{slug}-round{}-uncounted.{ext}", run.round));
+    let kept = log.with_file_name(format!("{slug}-round{}{UNCOUNTED}{ext}", run.round));
     // A second name for it: the replay figure may take the log too (by rename).
     if std::fs::hard_link(log, &kept).is_ok() {
         eprintln!(

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
+use super::tracer::Stopped;
 use super::{Outcome, Run, Tracer};
 
 impl Machine {
@@ -67,16 +68,19 @@ pub(super) fn cpu_pct(run: &Run) -> Option<f64> {
 
 /// The daemon's CPU per event it reported (issue #6's userspace target: 0.5 µs).
 fn us_per_event(run: &Run) -> Option<f64> {
-    let d = run.daemon.as_ref()?;
-    let seen = run.seen.as_ref()?.transitions;
-    (seen > 0).then(|| d.cpu_seconds / seen as f64 * 1e6)
+    per_event_us(run, |d| d.cpu_seconds)
 }
 
 /// The kernel's part of `us_per_event`: the daemon's system time per event it reported.
 fn sys_us_per_event(run: &Run) -> Option<f64> {
-    let d = run.daemon.as_ref()?;
+    per_event_us(run, |d| d.cpu_system_seconds)
+}
+
+/// Some of the daemon's CPU seconds, per event it reported, in µs.
+fn per_event_us(run: &Run, seconds: impl Fn(&Stopped) -> f64) -> Option<f64> {
+    let s = seconds(run.daemon.as_ref()?);
     let seen = run.seen.as_ref()?.transitions;
-    (seen > 0 && d.cpu_system_seconds.is_finite()).then(|| d.cpu_system_seconds / seen as f64 * 1e6)
+    (seen > 0 && s.is_finite()).then(|| s / seen as f64 * 1e6)
 }
 
 /// Mean run time of the tracer's BPF program per invocation (needs BPF stats on).
@@ -98,6 +102,14 @@ pub(super) fn lost(run: &Run) -> Option<i64> {
     Some(run.load.expected_transitions() as i64 - seen.transitions as i64)
 }
 
+/// What is missing from a tracer's log and what the tracer counted lost, when the two
+/// differ.
+pub(super) fn count_gap(run: &Run) -> Option<(i64, u64)> {
+    let missing = lost(run)?;
+    let counted = run.seen.as_ref()?.tool_reported_lost?;
+    (missing != counted as i64).then_some((missing, counted))
+}
+
 /// The rounds where tcptrace's own count of what it lost differs from what is missing from
 /// its log, with the transitions short of one per connection: which kinds went missing
 /// unseen is where to look for the cause.
@@ -107,15 +119,9 @@ fn uncounted(runs: &[Run]) -> Vec<String> {
         if !matches!(run.tracer, Tracer::Tcptrace | Tracer::TcptraceBinary) {
             continue;
         }
-        let (Some(seen), Some(missing)) = (&run.seen, lost(run)) else {
+        let (Some(seen), Some((missing, counted))) = (&run.seen, count_gap(run)) else {
             continue;
         };
-        let Some(counted) = seen.tool_reported_lost else {
-            continue;
-        };
-        if missing == counted as i64 {
-            continue;
-        }
         let short: Vec<String> = seen
             .by_kind
             .iter()
