@@ -123,15 +123,8 @@ impl DropBehind {
     /// For `file`, opened at `size`, if its pages are a cache of a disk's (what came
     /// before `size` is someone else's to keep cached or not).
     fn for_file(file: &File, is_file: bool, size: u64) -> Option<DropBehind> {
-        if !is_file {
-            return None;
-        }
-        let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
-        // SAFETY: a valid open fd, and a buffer the size of `statfs`.
-        let ok = unsafe { libc::fstatfs(file.as_raw_fd(), fs.as_mut_ptr()) } == 0;
-        // SAFETY: fstatfs filled it when it returned 0.
         // tmpfs pages are the file itself: dropping them would push it to swap.
-        if !ok || unsafe { fs.assume_init() }.f_type == libc::TMPFS_MAGIC {
+        if !is_file || on_tmpfs(file) != Some(false) {
             return None;
         }
         Some(DropBehind::from(size))
@@ -196,6 +189,17 @@ impl DropBehind {
         self.dropped = drop_to;
         self.started = end;
     }
+}
+
+/// Whether `file` is on tmpfs; None if its filesystem cannot be told.
+fn on_tmpfs(file: &File) -> Option<bool> {
+    let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: a valid open fd, and a buffer the size of `statfs`.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), fs.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: fstatfs filled it, as it returned 0.
+    Some(unsafe { fs.assume_init() }.f_type == libc::TMPFS_MAGIC)
 }
 
 /// An output path, opened for appending.
@@ -645,14 +649,9 @@ mod tests {
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 
         let shm = Path::new("/dev/shm");
-        let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
-        let c = std::ffi::CString::new("/dev/shm").unwrap();
-        // SAFETY: a NUL-terminated path and a buffer the size of `statfs`.
-        let is_tmpfs = unsafe { libc::statfs(c.as_ptr(), fs.as_mut_ptr()) } == 0
-            // SAFETY: filled by statfs, which returned 0.
-            && unsafe { fs.assume_init() }.f_type == libc::TMPFS_MAGIC;
-        assert!(
-            is_tmpfs,
+        assert_eq!(
+            on_tmpfs(&File::open(shm).unwrap()),
+            Some(true),
             "this test expects /dev/shm to be tmpfs, as on any Linux"
         );
         let p = shm.join(format!("tcptrace-drop-behind-{}", std::process::id()));

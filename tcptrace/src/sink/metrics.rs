@@ -58,8 +58,6 @@ pub const HANDSHAKE_BUCKETS: [f64; 17] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 ];
-/// `cause` label values of `tcptrace_events_lost_total`, in [`Loss`] field order.
-pub const LOSS_CAUSES: [&str; 4] = Loss::CAUSES;
 /// Distinct `rule` label values at most (a replayed log could name any rule); the rest
 /// are counted under `rule="other"`.
 const MAX_RULE_LABELS: usize = 32;
@@ -102,7 +100,7 @@ pub struct Metrics {
     by_role: [OnceLock<Histogram>; ROLES.len()],
     closed: [Counter; CloseKind::COUNT],
     connections: [U64Gauge; NETSTAT_STATES],
-    lost: [Counter; LOSS_CAUSES.len()],
+    lost: [Counter; Loss::CAUSES.len()],
     received: Counter,
     deferred: Counter,
     other_lost: Counter,
@@ -228,7 +226,7 @@ impl Metrics {
             by_kind,
         );
         let by_cause = Family::<One, Counter>::default();
-        let lost = LOSS_CAUSES.map(|c| by_cause.get_or_create_owned(&[("cause", c)]));
+        let lost = Loss::CAUSES.map(|c| by_cause.get_or_create_owned(&[("cause", c)]));
         reg.register(
             "tcptrace_events_lost",
             "Events that never reached the engine, by cause: ringbuf_full (the reader fell behind), recursion_misses (the kernel skipped the program), read_errors (reading the tracepoint failed), decode_errors (undecodable bytes)",
@@ -710,7 +708,7 @@ mod tests {
         let sc = scrape(&m);
 
         let lost = "tcptrace_events_lost_total";
-        for (cause, n) in LOSS_CAUSES.iter().zip([5.0, 1.0, 0.0, 2.0]) {
+        for (cause, n) in Loss::CAUSES.iter().zip([5.0, 1.0, 0.0, 2.0]) {
             assert_eq!(value(&sc, lost, &[("cause", cause)]), n, "{cause}");
         }
         assert_eq!(series(&sc, lost), 4);

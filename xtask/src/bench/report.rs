@@ -78,9 +78,15 @@ fn sys_us_per_event(run: &Run) -> Option<f64> {
 
 /// Some of the daemon's CPU seconds, per event it reported, in µs.
 fn per_event_us(run: &Run, seconds: impl Fn(&Stopped) -> f64) -> Option<f64> {
-    let s = seconds(run.daemon.as_ref()?);
-    let seen = run.seen.as_ref()?.transitions;
-    (seen > 0 && s.is_finite()).then(|| s / seen as f64 * 1e6)
+    us_per(
+        seconds(run.daemon.as_ref()?),
+        run.seen.as_ref()?.transitions,
+    )
+}
+
+/// `seconds` of CPU per one of `events`, in µs (none without events or a known time).
+pub(super) fn us_per(seconds: f64, events: u64) -> Option<f64> {
+    (events > 0 && seconds.is_finite()).then(|| seconds / events as f64 * 1e6)
 }
 
 /// Mean run time of the tracer's BPF program per invocation (needs BPF stats on).

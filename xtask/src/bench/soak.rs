@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::contenders::tcptrace_spec;
 use super::extra::vm_rss_kib;
 use super::load::{self, LoadConfig, LoadResult};
-use super::report::machine;
+use super::report::{self, machine};
 use super::tracer::{self, Stopped};
 
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -375,8 +375,8 @@ pub fn table(s: &Soak, command: &str, tw_reuse: &str) -> String {
     .ok();
     let per_transition = |seconds: f64| {
         f.transitions
-            .filter(|n| *n > 0)
-            .map_or(f64::NAN, |n| seconds * 1e6 / n as f64)
+            .and_then(|n| report::us_per(seconds, n))
+            .unwrap_or(f64::NAN)
     };
     writeln!(
         w,
