@@ -28,7 +28,7 @@ pub use stats::{CloseKindCounts, EngineStats};
 pub use table::{ConnIndex, FastMap, FastSet, IdHasher, IdMap};
 
 use crate::event::{EventKind, Task, TcpState, Transition};
-use crate::rules::{Alert, Rule, RuleEvent, RulesConfig, default_rules};
+use crate::rules::{Alert, Interest, Rule, RuleEvent, RulesConfig, default_rules};
 use conn::{
     Conn, F_ENTRY_UNKNOWN, F_GAP, F_ILLEGAL, F_PARTIAL_START, F_REFERENCED, F_SPILLED, Spill, Steps,
 };
@@ -113,7 +113,77 @@ pub struct Engine {
     index: ConnIndex,
     books: Books,
     rules: Vec<Box<dyn Rule>>,
+    /// Which rules want which events, from their `interest`.
+    dispatch: Dispatch,
     alerts: Vec<Alert>,
+}
+
+/// Which rules an event goes to: one bit per rule (bit i for the i-th, so they run in
+/// order), in tables indexed by what the event is, built from each rule's [`Interest`].
+/// One lookup per event for all rules: asking each rule's interest in turn cost as much as
+/// the calls it saved. Rules past the 64th are called for every event.
+struct Dispatch {
+    by_new: [u64; 16],
+    by_left: [u64; 16],
+    by_kind: [u64; 8],
+    illegal: u64,
+    ends: u64,
+}
+
+impl Dispatch {
+    const MAX_RULES: usize = 64;
+
+    fn new(interests: impl Iterator<Item = Interest>) -> Dispatch {
+        let mut d = Dispatch {
+            by_new: [0; 16],
+            by_left: [0; 16],
+            by_kind: [0; 8],
+            illegal: 0,
+            ends: 0,
+        };
+        for (i, w) in interests.take(Self::MAX_RULES).enumerate() {
+            let bit = 1u64 << i;
+            for s in 0..16 {
+                if w.new & (1 << s) != 0 {
+                    d.by_new[s] |= bit;
+                }
+                if w.left & (1 << s) != 0 {
+                    d.by_left[s] |= bit;
+                }
+            }
+            for k in 0..8 {
+                if w.kinds & (1 << k) != 0 {
+                    d.by_kind[k] |= bit;
+                }
+            }
+            if w.illegal {
+                d.illegal |= bit;
+            }
+            if w.ends {
+                d.ends |= bit;
+            }
+        }
+        d
+    }
+
+    /// The rules (bits) that want `ev`.
+    #[inline(always)]
+    fn rules_for(&self, ev: &RuleEvent<'_>) -> u64 {
+        let t = &ev.rec.t;
+        let mut m = self.by_new[t.new as usize & 15]
+            | self.by_left[t.old as usize & 15]
+            | self.by_kind[t.kind as usize & 7];
+        if let Some(p) = ev.prev_state {
+            m |= self.by_left[p as usize & 15];
+        }
+        if !ev.rec.legal {
+            m |= self.illegal;
+        }
+        if ev.closed.is_some() {
+            m |= self.ends;
+        }
+        m
+    }
 }
 
 /// A connection to look up in the kernel (see [`Engine::idle_connections`]).
@@ -146,6 +216,7 @@ impl Engine {
                 state_counts: [0; 14],
                 stats: EngineStats::default(),
             },
+            dispatch: Dispatch::new(rules.iter().map(|r| r.interest())),
             rules,
             alerts: Vec::new(),
         }
@@ -436,7 +507,13 @@ impl Engine {
             handshake_ns,
             closed,
         };
-        for r in &mut self.rules {
+        let mut wanted = self.dispatch.rules_for(&ev);
+        while wanted != 0 {
+            let i = wanted.trailing_zeros() as usize;
+            wanted &= wanted - 1;
+            self.rules[i].on_transition(&ev, &mut self.alerts);
+        }
+        for r in self.rules.iter_mut().skip(Dispatch::MAX_RULES) {
             r.on_transition(&ev, &mut self.alerts);
         }
         out.extend(self.alerts.drain(..).map(Output::Alert));

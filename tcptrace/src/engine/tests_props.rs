@@ -339,3 +339,139 @@ fn replay_rate() {
         100.0 * full / bare
     );
 }
+
+/// A rule as the engine would see it without an interest: called for every event.
+struct Unfiltered(Box<dyn crate::rules::Rule>);
+
+impl crate::rules::Rule for Unfiltered {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn describe(&self) -> &'static str {
+        self.0.describe()
+    }
+    fn on_transition(
+        &mut self,
+        ev: &crate::rules::RuleEvent<'_>,
+        out: &mut Vec<crate::rules::Alert>,
+    ) {
+        self.0.on_transition(ev, out)
+    }
+    fn tick(&mut self, now_ns: u64, out: &mut Vec<crate::rules::Alert>) {
+        self.0.tick(now_ns, out)
+    }
+    fn on_forget(&mut self, id: u64, st: TcpState, now: u64, out: &mut Vec<crate::rules::Alert>) {
+        self.0.on_forget(id, st, now, out)
+    }
+    fn finish(&mut self) {
+        self.0.finish()
+    }
+    fn footprint(&self) -> usize {
+        self.0.footprint()
+    }
+}
+
+/// Each rule's `interest` only skips events the rule would do nothing with: an engine
+/// that asks it and one that calls every rule for every event give the same outputs, event
+/// by event, over a random run of every kind of event with thresholds low enough that
+/// every rule fires (a too-narrow interest loses a finding or changes a count).
+#[test]
+fn rules_skipped_by_their_interest_would_have_done_nothing() {
+    use crate::event::EventKind;
+    const MS: u64 = 1_000_000;
+    let cfg = EngineConfig {
+        max_connections: 48,
+        rules: RulesConfig {
+            close_wait_after_ns: 50 * MS,
+            fin_wait2_after_ns: 50 * MS,
+            slow_connect_ns: MS,
+            syn_backlog_min: 2,
+            reset_surge_min: 2,
+            time_wait_min: 2,
+            churn_min: 2,
+            churn_max_lifetime_ns: 1_000 * MS,
+            max_sockets: 48,
+            max_keys: 16,
+            ..RulesConfig::default()
+        },
+    };
+    let mut filtered = Engine::new(cfg.clone());
+    let every = crate::rules::default_rules(&cfg.rules)
+        .into_iter()
+        .map(|r| Box::new(Unfiltered(r)) as Box<dyn crate::rules::Rule>)
+        .collect();
+    let mut all = Engine::with_rules(cfg, every);
+    let kinds = [
+        EventKind::State,
+        EventKind::Accept,
+        EventKind::Handoff,
+        EventKind::Present,
+        EventKind::Vanished,
+    ];
+    let mut r = Rng(0x005E_ED0F_1E57);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let mut fired = std::collections::BTreeMap::<String, u64>::new();
+    let mut ts: u64 = 1 << 40;
+    for i in 0..200_000u64 {
+        ts += r.below(2 * MS);
+        let old = state(&mut r);
+        let new = if r.below(4) == 0 {
+            state(&mut r)
+        } else {
+            next_legal(old, &mut r)
+        };
+        let kind = if r.below(6) == 0 {
+            kinds[r.below(5) as usize]
+        } else {
+            EventKind::State
+        };
+        let (old, new) = if kind == EventKind::State {
+            (old, new)
+        } else {
+            (old, old)
+        };
+        let task = Task {
+            pid: r.below(3) as u32,
+            tid: 1,
+            comm: Comm::new("p"),
+        };
+        let t = Transition {
+            ts_ns: ts,
+            conn_id: r.below(96),
+            skaddr: r.below(16),
+            task,
+            local: sockaddr(&mut r),
+            remote: sockaddr(&mut r),
+            old,
+            new,
+            starts_conn: r.below(4) == 0,
+            midlife: r.below(8) == 0,
+            cpu: 0,
+            owner: (r.below(3) != 0).then_some(task),
+            meta: Default::default(),
+            kind,
+        };
+        filtered.on_transition(&t, &mut a);
+        all.on_transition(&t, &mut b);
+        if i % 50 == 0 {
+            filtered.tick(ts, &mut a);
+            all.tick(ts, &mut b);
+        }
+        assert_eq!(a, b, "outputs differ at event {i}: {t:?}");
+        for o in &a {
+            if let Output::Alert(al) = o {
+                *fired.entry(al.rule.to_string()).or_default() += 1;
+            }
+        }
+        a.clear();
+        b.clear();
+    }
+    let names: Vec<&str> = filtered.rules().map(|(n, _)| n).collect();
+    for n in &names {
+        assert!(
+            fired.get(*n).copied().unwrap_or(0) >= 3,
+            "rule {n} fired too rarely to be compared: {fired:?}"
+        );
+    }
+    assert_eq!(names.len(), 9);
+}

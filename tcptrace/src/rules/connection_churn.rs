@@ -2,7 +2,7 @@
 //! same peer, where one kept-alive connection would do.
 
 use super::window::{Snapshot, WindowRule, WindowSpec};
-use super::{Alert, AlertStatus, RuleEvent, RulesConfig, text};
+use super::{Alert, AlertStatus, Interest, RuleEvent, RulesConfig, text};
 use crate::engine::Role;
 use crate::event::{Task, TcpState};
 use std::net::SocketAddr;
@@ -32,6 +32,10 @@ impl WindowSpec for ConnectionChurn {
     const DESCRIPTION: &'static str = "One process opening connections to one peer that live less than a lifetime \
          threshold (default 1s), at least N times (default 100) within a window (default \
          10s).";
+    const INTEREST: Interest = Interest {
+        ends: true,
+        ..Interest::NONE
+    };
 
     fn sample(&self, ev: &RuleEvent<'_>) -> Option<(Self::Key, Option<Task>, u64)> {
         let lc = ev.closed?;

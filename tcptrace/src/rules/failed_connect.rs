@@ -2,7 +2,7 @@
 //! per destination.
 
 use super::window::{Snapshot, WindowRule, WindowSpec};
-use super::{AlertStatus, RuleEvent, RulesConfig, text};
+use super::{AlertStatus, Interest, RuleEvent, RulesConfig, text};
 use crate::event::{Task, TcpState};
 use std::net::SocketAddr;
 
@@ -30,6 +30,7 @@ impl WindowSpec for FailedConnect {
     const EXPLANATION: &'static str = EXPLANATION;
     const DESCRIPTION: &'static str = "Connects that failed (SYN_SENT→CLOSE: refused or timed out; the tracepoint cannot tell \
          which), grouped per destination addr:port with counts.";
+    const INTEREST: Interest = Interest::leaving(&[TcpState::SynSent]);
 
     fn sample(&self, ev: &RuleEvent<'_>) -> Option<(SocketAddr, Option<Task>, u64)> {
         let failed = ev.rec.t.old == TcpState::SynSent && ev.rec.t.new == TcpState::Close;

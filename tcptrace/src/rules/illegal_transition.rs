@@ -1,7 +1,7 @@
 //! illegal_transition: transitions Linux's TCP machine does not make, grouped per kind.
 
 use super::window::{Episodes, Snapshot};
-use super::{Alert, AlertStatus, Rule, RuleEvent, RulesConfig, text};
+use super::{Alert, AlertStatus, Interest, Rule, RuleEvent, RulesConfig, text};
 use crate::event::TcpState;
 
 const NAME: &str = "illegal_transition";
@@ -56,6 +56,12 @@ impl Rule for IllegalTransition {
         "Every transition Linux's TCP state machine does not make, one finding per kind \
          (OLD→NEW), re-stated as its count doubles. Each also has `legal: false` in its \
          transition record and counts in the engine's `illegal` total."
+    }
+    fn interest(&self) -> Interest {
+        Interest {
+            illegal: true,
+            ..Interest::NONE
+        }
     }
     fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
         if ev.rec.legal {

@@ -16,7 +16,7 @@ mod time_wait_buildup;
 mod window;
 
 use crate::engine::{LifecycleRecord, Role, TransitionRecord};
-use crate::event::{Task, TcpState};
+use crate::event::{EventKind, Task, TcpState};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -109,13 +109,94 @@ pub fn default_rules(cfg: &RulesConfig) -> Vec<Box<dyn Rule>> {
     ]
 }
 
-/// One anomaly detector. Called for every transition, so `on_transition` must return fast
-/// for events it does not care about (match on the states first, look up maps after).
+/// The events a rule reacts to, so that the engine calls it only for those: a rule is
+/// called for an event that matches any part (`engine::Dispatch` turns every rule's
+/// interest into lookup tables, one lookup per event for all rules). Each is a superset of what the rule's
+/// `on_transition` does anything with (a test feeds every rule every kind of event both
+/// ways and compares); most rules care about 1 or 2 of a connection's 10 transitions, and
+/// calling all nine for every event was a fifth of a replay's instructions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interest {
+    /// Events whose new state is one of these (bit `1 << state`).
+    pub new: u16,
+    /// Events that may leave one of these states: their old state, or the engine's state
+    /// for the connection before them, is one of them.
+    pub left: u16,
+    /// Events of these kinds whatever their states (bit `1 << kind`).
+    pub kinds: u8,
+    /// Every transition the engine found illegal.
+    pub illegal: bool,
+    /// Every event that ended a connection's lifecycle (`RuleEvent::closed`). Not the same
+    /// as entering CLOSE: a late accept that says CLOSE ends one, and its record keeps
+    /// the connection's own state.
+    pub ends: bool,
+}
+
+impl Interest {
+    /// Every event (the default: a rule that says nothing is called for everything).
+    pub const ALL: Interest = Interest {
+        new: u16::MAX,
+        left: u16::MAX,
+        kinds: u8::MAX,
+        illegal: true,
+        ends: true,
+    };
+    pub const NONE: Interest = Interest {
+        new: 0,
+        left: 0,
+        kinds: 0,
+        illegal: false,
+        ends: false,
+    };
+
+    pub const fn entering(states: &[TcpState]) -> Interest {
+        Interest {
+            new: bits(states),
+            ..Interest::NONE
+        }
+    }
+
+    pub const fn leaving(states: &[TcpState]) -> Interest {
+        Interest {
+            left: bits(states),
+            ..Interest::NONE
+        }
+    }
+
+    /// Events entering or leaving `s`, and accepts and handoffs (they move a socket
+    /// between owners without a state change).
+    pub const fn in_state(s: TcpState) -> Interest {
+        Interest {
+            new: bits(&[s]),
+            left: bits(&[s]),
+            kinds: 1 << EventKind::Accept as u8 | 1 << EventKind::Handoff as u8,
+            ..Interest::NONE
+        }
+    }
+}
+
+pub(crate) const fn bits(states: &[TcpState]) -> u16 {
+    let mut b = 0;
+    let mut i = 0;
+    while i < states.len() {
+        b |= 1 << states[i] as u8;
+        i += 1;
+    }
+    b
+}
+
+/// One anomaly detector. The engine calls `on_transition` for the events its `interest`
+/// names; it must still return fast for the others it is given (match on the states first,
+/// look up maps after).
 pub trait Rule {
     /// snake_case name, the `rule` field of its alerts.
     fn name(&self) -> &'static str;
     /// What it detects and why it matters, for `--list-rules` and the README.
     fn describe(&self) -> &'static str;
+    /// The events `on_transition` may act on; it is not called for the others.
+    fn interest(&self) -> Interest {
+        Interest::ALL
+    }
     fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>);
     /// Time passed without events: age stuck sockets, let windows slide, resolve, forget.
     fn tick(&mut self, now_ns: u64, out: &mut Vec<Alert>);

@@ -1,7 +1,7 @@
 //! reset_surge: many connections with one peer ending in a reset within a sliding window.
 
 use super::window::{Snapshot, WindowRule, WindowSpec};
-use super::{AlertStatus, RuleEvent, RulesConfig, text};
+use super::{AlertStatus, Interest, RuleEvent, RulesConfig, text};
 use crate::event::{Task, TcpState};
 use std::net::SocketAddr;
 
@@ -30,6 +30,7 @@ impl WindowSpec for ResetSurge {
     const DESCRIPTION: &'static str = "Connections with one peer reset (ESTABLISHED/CLOSE_WAIT→CLOSE) at least \
          N times (default 50) within a sliding window (default 10s). A \
          client's peer is its service addr:port; a server's is the client address.";
+    const INTEREST: Interest = Interest::entering(&[TcpState::Close]);
 
     fn sample(&self, ev: &RuleEvent<'_>) -> Option<(SocketAddr, Option<Task>, u64)> {
         let t = &ev.rec.t;

@@ -1,9 +1,9 @@
 //! slow_connect: outgoing handshakes slower than a threshold, grouped per destination.
 
 use super::window::{Snapshot, WindowRule, WindowSpec};
-use super::{Alert, AlertStatus, RuleEvent, RulesConfig, text};
+use super::{Alert, AlertStatus, Interest, RuleEvent, RulesConfig, text};
 use crate::engine::Role;
-use crate::event::Task;
+use crate::event::{Task, TcpState};
 use std::net::SocketAddr;
 
 const NAME: &str = "slow_connect";
@@ -34,6 +34,7 @@ impl WindowSpec for SlowConnect {
     const EXPLANATION: &'static str = EXPLANATION;
     const DESCRIPTION: &'static str = "Outgoing handshakes (SYN_SENT→ESTABLISHED) slower than a threshold (default 1s), \
          grouped per destination addr:port with counts and the slowest.";
+    const INTEREST: Interest = Interest::entering(&[TcpState::Established]);
 
     fn sample(&self, ev: &RuleEvent<'_>) -> Option<(SocketAddr, Option<Task>, u64)> {
         let hs = ev.handshake_ns?;

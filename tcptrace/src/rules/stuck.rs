@@ -4,7 +4,7 @@
 //! re-stated when it doubles and resolved, with how long it lasted, when the last one
 //! leaves the state.
 
-use super::{Alert, AlertStatus, PeerShare, Rule, RuleEvent, RulesConfig, text};
+use super::{Alert, AlertStatus, Interest, PeerShare, Rule, RuleEvent, RulesConfig, text};
 use crate::engine::{FastMap, FastSet, IdMap};
 use crate::event::{EventKind, Task, TcpState};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -280,6 +280,10 @@ impl Rule for Stuck {
 
     fn describe(&self) -> &'static str {
         self.spec.description
+    }
+
+    fn interest(&self) -> Interest {
+        Interest::in_state(self.spec.state)
     }
 
     fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {

@@ -1,6 +1,6 @@
 //! syn_backlog: accepted children piling up in SYN_RECV per listener (half-open build-up).
 
-use super::{Alert, AlertStatus, Rule, RuleEvent, RulesConfig, text};
+use super::{Alert, AlertStatus, Interest, Rule, RuleEvent, RulesConfig, bits, text};
 use crate::engine::FastMap;
 use crate::engine::IdMap;
 use crate::event::{Task, TcpState};
@@ -113,6 +113,13 @@ impl Rule for SynBacklog {
     fn describe(&self) -> &'static str {
         "Children of one listener (local addr:port) in SYN_RECV at once, at or above \
          a threshold (default 100); resolves below half of it."
+    }
+    fn interest(&self) -> Interest {
+        Interest {
+            new: bits(&[TcpState::SynRecv]),
+            left: bits(&[TcpState::SynRecv]),
+            ..Interest::NONE
+        }
     }
     fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
         let s = TcpState::SynRecv;

@@ -1,7 +1,7 @@
 //! time_wait_buildup: many connections with one peer entering TIME_WAIT within a window.
 
 use super::window::{Snapshot, WindowRule, WindowSpec};
-use super::{AlertStatus, RuleEvent, RulesConfig, text};
+use super::{AlertStatus, Interest, RuleEvent, RulesConfig, text};
 use crate::event::{Task, TcpState};
 use std::net::SocketAddr;
 
@@ -40,6 +40,7 @@ impl WindowSpec for TimeWaitBuildup {
     const DESCRIPTION: &'static str = "Connections with one peer entering TIME_WAIT at least N times \
          (default 1000) within a sliding window (default 60s, TIME_WAIT's length), i.e. \
          about that many TIME_WAIT sockets at once.";
+    const INTEREST: Interest = Interest::entering(&[TcpState::TimeWait, TcpState::Close]);
 
     fn sample(&self, ev: &RuleEvent<'_>) -> Option<(SocketAddr, Option<Task>, u64)> {
         enters_time_wait(ev).then(|| (ev.peer(), ev.rec.owner, 0))

@@ -3,7 +3,7 @@
 //! resolves once the window count drops below half the threshold (hysteresis, so a rate
 //! hovering at the threshold does not flap). Bounded: a key cap, idle keys forgotten.
 
-use super::{Alert, AlertStatus, Rule, RuleEvent};
+use super::{Alert, AlertStatus, Interest, Rule, RuleEvent};
 use crate::event::Task;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -266,6 +266,8 @@ pub trait WindowSpec {
     const NAME: &'static str;
     const EXPLANATION: &'static str;
     const DESCRIPTION: &'static str;
+    /// The events `sample` may count (see [`Interest`]).
+    const INTEREST: Interest;
     /// What this transition counts for: the key, the owner to vote for, and a value whose
     /// largest the finding keeps (e.g. a handshake time); None when it does not count.
     fn sample(&self, ev: &RuleEvent<'_>) -> Option<(Self::Key, Option<Task>, u64)>;
@@ -305,6 +307,9 @@ impl<S: WindowSpec> Rule for WindowRule<S> {
     }
     fn describe(&self) -> &'static str {
         S::DESCRIPTION
+    }
+    fn interest(&self) -> Interest {
+        S::INTEREST
     }
     fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
         let Some((key, owner, value)) = self.spec.sample(ev) else {
