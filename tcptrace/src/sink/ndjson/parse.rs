@@ -5,7 +5,7 @@
 //! Our own lifecycle lines are only checked for form (see `lifecycle_line`).
 
 mod lifecycle_line;
-mod words;
+pub(super) mod words;
 
 use words::*;
 

@@ -3,8 +3,8 @@
 
 use std::net::Ipv4Addr;
 
-pub(super) const ONES: u64 = 0x0101_0101_0101_0101;
-pub(super) const HIGHS: u64 = 0x8080_8080_8080_8080;
+pub(crate) const ONES: u64 = 0x0101_0101_0101_0101;
+pub(crate) const HIGHS: u64 = 0x8080_8080_8080_8080;
 
 pub(super) const POW10: [u64; 9] = [
     1,
@@ -24,14 +24,14 @@ pub(super) const POW10: [u64; 9] = [
 
 /// The first byte of `w` that is zero.
 #[inline(always)]
-pub(super) fn first_zero(w: u64) -> u64 {
+pub(crate) fn first_zero(w: u64) -> u64 {
     w.wrapping_sub(ONES) & !w & HIGHS
 }
 
 /// The first byte of `w` a plain string scan must stop at: `"`, `\`, a control character
 /// (below 0x20) or a non-ASCII byte.
 #[inline(always)]
-pub(super) fn special_bytes(w: u64) -> u64 {
+pub(crate) fn special_bytes(w: u64) -> u64 {
     let quote = first_zero(w ^ (ONES * u64::from(b'"')));
     let backslash = first_zero(w ^ (ONES * u64::from(b'\\')));
     // Below 0x20 borrows into the high bit; 0x80 and above has it already.
