@@ -68,7 +68,7 @@ pub const OWNER_SRC_LISTENER: u32 = 4;
 /// Recorded when the owner's accept() returned the socket.
 pub const OWNER_SRC_ACCEPT: u32 = 5;
 
-/// What the kernel keeps per live socket (key: skaddr): identity, owner and last tuple.
+/// What the kernel keeps per socket (key: skaddr): identity, owner and last tuple.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockInfo {
@@ -81,7 +81,8 @@ pub struct SockInfo {
     pub family: u16,
     /// 1 for a listener's child whose owner is not known yet (no accept seen).
     pub unaccepted: u8,
-    /// The TCP state the socket is in (after its last event).
+    /// The TCP state the socket is in (after its last event). CLOSE marks an ended life's
+    /// entry (a tombstone), kept for the next socket at the same address to reuse in place.
     pub state: u8,
     /// Inode number of the socket's network namespace; 0 unknown.
     pub netns: u32,

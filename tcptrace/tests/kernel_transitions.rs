@@ -204,6 +204,89 @@ fn thousand_back_to_back_connections_are_complete_and_never_merged() {
     });
 }
 
+/// Ended lives' entries stay in the kernel's socket map (tombstones) for the next socket
+/// at their address, at most a quarter of the map: 300 connections held open at once and
+/// then closed leave no more than that, and 300 connections made after, on reused
+/// addresses (a tombstone reused, or one not kept), still arrive whole, one identity each.
+#[test]
+fn ended_lives_are_kept_for_reuse_up_to_a_quarter_of_the_map() {
+    let Some(_g) = kernel_guard() else { return };
+    const N: usize = 300;
+    // The map's LRU keeps a pool per possible CPU: one CPU's pool must hold every socket
+    // of the first batch (they are created on the test's CPU), 2N + 1 of them.
+    let cpus = aya::util::nr_cpus().map_or(2, |n| n as u32);
+    let entries = 1024 * cpus;
+    let cap = i64::from(entries / 4);
+    runtime().block_on(async {
+        let mut tracer = start(tcptrace::kernel::TracerConfig {
+            timewait: false,
+            sock_map_entries: entries,
+            ..Default::default()
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut pairs = Vec::with_capacity(N);
+        for _ in 0..N {
+            let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            pairs.push((client, server));
+        }
+        let mut events = collect(&mut tracer, ours(port), |_| false, Duration::ZERO).await;
+        for (client, mut server) in pairs {
+            drop(client);
+            let mut buf = [0u8; 1];
+            assert_eq!(server.read(&mut buf).unwrap(), 0);
+        }
+        let kept = tracer.tombstones();
+        assert!(
+            kept <= cap && kept >= (2 * N as i64).min(cap) / 2,
+            "{kept} tombstones after {} sockets ended, for a map of {entries} (at most {cap})",
+            2 * N
+        );
+        for _ in 0..N {
+            client_closes_first(&listener);
+        }
+        drop(listener);
+        // 10 transitions and one accept per connection, 2 for the listener.
+        let expected = 2 * N * 11 + 2;
+        events.extend(
+            collect(
+                &mut tracer,
+                ours(port),
+                |e| e.len() + events.len() >= expected,
+                Duration::from_secs(10),
+            )
+            .await,
+        );
+        assert_no_loss(&tracer.counters());
+        assert_eq!(
+            events.len(),
+            expected,
+            "every transition of {} connections arrives",
+            2 * N
+        );
+        let conns = by_conn(&events);
+        assert_eq!(
+            conns.len(),
+            4 * N + 1,
+            "one identity per socket life, none merged"
+        );
+        let (mut clients, mut servers) = (0, 0);
+        for evs in conns.values() {
+            match path(evs).as_slice() {
+                p if p == CLIENT => clients += 1,
+                p if p == SERVER => servers += 1,
+                p if p == LISTENER => {}
+                p => panic!("incomplete or merged lifecycle {p:?}:\n{}", show(evs)),
+            }
+        }
+        assert_eq!((clients, servers), (2 * N, 2 * N));
+        let kept = tracer.tombstones();
+        assert!(kept <= cap, "{kept} tombstones, at most {cap}");
+        println!("{kept} tombstones kept of at most {cap} ({entries} entries)");
+    });
+}
+
 #[test]
 fn program_info_and_counters_are_read_from_the_kernel() {
     let Some(_g) = kernel_guard() else { return };
