@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use aya::maps::{MapData, PerCpuArray, Queue, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, Queue, RingBuf};
 use aya::programs::{ProgramError, TracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use aya_log::EbpfLogger;
@@ -110,7 +110,7 @@ pub struct Tracer {
     ring: AsyncFd<RingBuf<MapData>>,
     deferred: Queue<MapData, StateEvent>,
     counters: PerCpuArray<MapData, u64>,
-    tombstones: PerCpuArray<MapData, i64>,
+    tombstones: (Array<MapData, i64>, PerCpuArray<MapData, i64>),
     logger: AsyncFd<EbpfLogger<&'static dyn log::Log>>,
     /// The state program's fd (its recursion misses are transitions lost), then the
     /// accept programs' (accepts lost) and the timer hooks' (maybe timewait steps lost).
@@ -206,11 +206,7 @@ impl Tracer {
             .override_global("LAYOUT", &layout, true)
             .override_global("WAKEUP_BYTES", &cfg.wakeup_bytes, true)
             .override_global("RING_BYTES", &u64::from(cfg.ring_bytes), true)
-            .override_global(
-                "MAX_TOMBSTONES_PER_CPU",
-                &max_tombstones_per_cpu(cfg.sock_map_entries),
-                true,
-            )
+            .override_global("MAX_TOMBSTONES", &i64::from(cfg.sock_map_entries / 4), true)
             .override_global("FILTER", &cfg.filter, true)
             .override_global("KOFFS", &koffs, true)
             .map_max_entries("EVENTS", cfg.ring_bytes)
@@ -277,11 +273,18 @@ impl Tracer {
                 .ok_or_else(|| KernelError::Load("map COUNTERS missing".into()))?,
         )
         .map_err(|e| KernelError::Load(e.to_string()))?;
-        let tombstones = PerCpuArray::try_from(
-            ebpf.take_map("TOMBSTONES")
-                .ok_or_else(|| KernelError::Load("map TOMBSTONES missing".into()))?,
-        )
-        .map_err(|e| KernelError::Load(e.to_string()))?;
+        let tombstones = (
+            Array::try_from(
+                ebpf.take_map("TOMBSTONES")
+                    .ok_or_else(|| KernelError::Load("map TOMBSTONES missing".into()))?,
+            )
+            .map_err(|e| KernelError::Load(e.to_string()))?,
+            PerCpuArray::try_from(
+                ebpf.take_map("TOMBSTONES_PENDING")
+                    .ok_or_else(|| KernelError::Load("map TOMBSTONES_PENDING missing".into()))?,
+            )
+            .map_err(|e| KernelError::Load(e.to_string()))?,
+        );
         let deferred = Queue::try_from(
             ebpf.take_map("DEFERRED")
                 .ok_or_else(|| KernelError::Load("map DEFERRED missing".into()))?,
@@ -371,26 +374,23 @@ impl Tracer {
     }
 
     /// Ended lives' entries the kernel keeps for the next socket at their address, as its
-    /// per-CPU counts add up: at most a quarter of `sock_map_entries` (and at least the
-    /// entries in the map: the LRU may have evicted some).
+    /// counts add up: at most a quarter of `sock_map_entries` plus a batch of 64 per CPU
+    /// (and at least the entries in the map: the LRU may have evicted some).
     pub fn tombstones(&self) -> i64 {
-        self.tombstones
+        let all = self.tombstones.0.get(&0, 0).unwrap_or(0);
+        let pending: i64 = self
+            .tombstones
+            .1
             .get(&0, 0)
             .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
+            .unwrap_or(0);
+        all + pending
     }
 
     /// The tracepoint program's kernel info (id, name, run stats, recursion misses).
     pub fn program_info(&self) -> std::io::Result<ProgInfo> {
         prog_info(self.state_fd)
     }
-}
-
-/// Tombstones each CPU may keep in the socket map: a quarter of the map over the possible
-/// CPUs (the program's `MAX_TOMBSTONES_PER_CPU`).
-fn max_tombstones_per_cpu(sock_map_entries: u32) -> i64 {
-    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as i64;
-    i64::from(sock_map_entries / 4) / cpus
 }
 
 /// The tracepoint records the optional hooks read, with the fields at the offsets the eBPF

@@ -205,18 +205,22 @@ fn thousand_back_to_back_connections_are_complete_and_never_merged() {
 }
 
 /// Ended lives' entries stay in the kernel's socket map (tombstones) for the next socket
-/// at their address, at most a quarter of the map: 300 connections held open at once and
-/// then closed leave no more than that, and 300 connections made after, on reused
+/// at their address, at most a quarter of the map: 400 connections held open at once and
+/// then closed leave no more than that, and 400 connections made after, on reused
 /// addresses (a tombstone reused, or one not kept), still arrive whole, one identity each.
 #[test]
 fn ended_lives_are_kept_for_reuse_up_to_a_quarter_of_the_map() {
     let Some(_g) = kernel_guard() else { return };
-    const N: usize = 300;
+    const N: usize = 400;
+    // 2N sockets held open at once: more than a default soft limit of 1,024 fds leaves room for.
+    raise_fd_limit();
     // The map's LRU keeps a pool per possible CPU: one CPU's pool must hold every socket
     // of the first batch (they are created on the test's CPU), 2N + 1 of them.
     let cpus = aya::util::nr_cpus().map_or(2, |n| n as u32);
     let entries = 1024 * cpus;
     let cap = i64::from(entries / 4);
+    // Each CPU reports its changes to the count in batches of 64.
+    let slack = 64 * i64::from(cpus);
     runtime().block_on(async {
         let mut tracer = start(tcptrace::kernel::TracerConfig {
             timewait: false,
@@ -239,8 +243,8 @@ fn ended_lives_are_kept_for_reuse_up_to_a_quarter_of_the_map() {
         }
         let kept = tracer.tombstones();
         assert!(
-            kept <= cap && kept >= (2 * N as i64).min(cap) / 2,
-            "{kept} tombstones after {} sockets ended, for a map of {entries} (at most {cap})",
+            kept <= cap + slack && kept >= (2 * N as i64).min(cap) / 2,
+            "{kept} tombstones after {} sockets ended, for a map of {entries} (at most {cap} + {slack})",
             2 * N
         );
         for _ in 0..N {
@@ -282,9 +286,24 @@ fn ended_lives_are_kept_for_reuse_up_to_a_quarter_of_the_map() {
         }
         assert_eq!((clients, servers), (2 * N, 2 * N));
         let kept = tracer.tombstones();
-        assert!(kept <= cap, "{kept} tombstones, at most {cap}");
+        assert!(kept <= cap + slack, "{kept} tombstones, at most {cap} + {slack}");
         println!("{kept} tombstones kept of at most {cap} ({entries} entries)");
     });
+}
+
+/// The soft limit on open files raised to the hard one.
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
 }
 
 #[test]
