@@ -110,7 +110,7 @@ pub struct Tracer {
     ring: AsyncFd<RingBuf<MapData>>,
     deferred: Queue<MapData, StateEvent>,
     counters: PerCpuArray<MapData, u64>,
-    tombstones: (Array<MapData, i64>, PerCpuArray<MapData, i64>),
+    tombstones: Tombstones,
     logger: AsyncFd<EbpfLogger<&'static dyn log::Log>>,
     /// The state program's fd (its recursion misses are transitions lost), then the
     /// accept programs' (accepts lost) and the timer hooks' (maybe timewait steps lost).
@@ -260,36 +260,16 @@ impl Tracer {
                 }
             }
         }
-        let ring = RingBuf::try_from(
-            ebpf.take_map("EVENTS")
-                .ok_or_else(|| KernelError::Load("map EVENTS missing".into()))?,
-        )
-        .map_err(|e| KernelError::Load(e.to_string()))?;
+        let ring: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
         // SAFETY: the RingBuf owns the map fd and keeps it open while registered.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| KernelError::Load(e.into_parts().1.to_string()))?;
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map("COUNTERS")
-                .ok_or_else(|| KernelError::Load("map COUNTERS missing".into()))?,
-        )
-        .map_err(|e| KernelError::Load(e.to_string()))?;
-        let tombstones = (
-            Array::try_from(
-                ebpf.take_map("TOMBSTONES")
-                    .ok_or_else(|| KernelError::Load("map TOMBSTONES missing".into()))?,
-            )
-            .map_err(|e| KernelError::Load(e.to_string()))?,
-            PerCpuArray::try_from(
-                ebpf.take_map("TOMBSTONES_PENDING")
-                    .ok_or_else(|| KernelError::Load("map TOMBSTONES_PENDING missing".into()))?,
-            )
-            .map_err(|e| KernelError::Load(e.to_string()))?,
-        );
-        let deferred = Queue::try_from(
-            ebpf.take_map("DEFERRED")
-                .ok_or_else(|| KernelError::Load("map DEFERRED missing".into()))?,
-        )
-        .map_err(|e| KernelError::Load(e.to_string()))?;
+        let counters = take_map(&mut ebpf, "COUNTERS")?;
+        let tombstones = Tombstones {
+            shared: take_map(&mut ebpf, "TOMBSTONES")?,
+            pending: take_map(&mut ebpf, "TOMBSTONES_PENDING")?,
+        };
+        let deferred = take_map(&mut ebpf, "DEFERRED")?;
         Ok(Tracer {
             ring,
             deferred,
@@ -377,20 +357,38 @@ impl Tracer {
     /// counts add up: at most a quarter of `sock_map_entries` plus a batch of 64 per CPU
     /// (and at least the entries in the map: the LRU may have evicted some).
     pub fn tombstones(&self) -> i64 {
-        let all = self.tombstones.0.get(&0, 0).unwrap_or(0);
+        let shared = self.tombstones.shared.get(&0, 0).unwrap_or(0);
         let pending: i64 = self
             .tombstones
-            .1
+            .pending
             .get(&0, 0)
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0);
-        all + pending
+        shared + pending
     }
 
     /// The tracepoint program's kernel info (id, name, run stats, recursion misses).
     pub fn program_info(&self) -> std::io::Result<ProgInfo> {
         prog_info(self.state_fd)
     }
+}
+
+/// The program's count of tombstones: what the CPUs have added to the shared count, and
+/// what each has not yet.
+struct Tombstones {
+    shared: Array<MapData, i64>,
+    pending: PerCpuArray<MapData, i64>,
+}
+
+/// Takes map `name` out of the loaded object as its typed handle.
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, KernelError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| KernelError::Load(format!("map {name} missing")))?;
+    T::try_from(map).map_err(|e| KernelError::Load(e.to_string()))
 }
 
 /// The tracepoint records the optional hooks read, with the fields at the offsets the eBPF

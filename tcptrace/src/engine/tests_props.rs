@@ -142,6 +142,39 @@ fn sockaddr(r: &mut Rng) -> SocketAddr {
     )
 }
 
+/// A transition of `conn_id` from `old` to `new` run by process `pid` ("p"), its socket
+/// address, tuple and flags drawn from `r` (in this order), no owner.
+fn drawn(
+    r: &mut Rng,
+    ts: u64,
+    conn_id: u64,
+    pid: u32,
+    old: TcpState,
+    new: TcpState,
+    kind: crate::event::EventKind,
+) -> Transition {
+    Transition {
+        ts_ns: ts,
+        conn_id,
+        skaddr: r.below(16),
+        task: Task {
+            pid,
+            tid: 1,
+            comm: Comm::new("p"),
+        },
+        local: sockaddr(r),
+        remote: sockaddr(r),
+        old,
+        new,
+        starts_conn: r.below(4) == 0,
+        midlife: r.below(8) == 0,
+        cpu: 0,
+        owner: None,
+        meta: Default::default(),
+        kind,
+    }
+}
+
 #[test]
 fn random_garbage_never_panics_and_every_cap_holds() {
     const CAP: usize = 64;
@@ -167,35 +200,14 @@ fn random_garbage_never_panics_and_every_cap_holds() {
         if r.below(5) == 0 {
             old = Close;
         }
-        let owner_task = Task {
-            pid: r.below(6) as u32,
-            tid: 1,
-            comm: Comm::new("p"),
+        let pid = r.below(6) as u32;
+        let conn_id = if r.below(50) == 0 {
+            r.next()
+        } else {
+            prev_conn
         };
-        let t = Transition {
-            ts_ns: ts,
-            conn_id: if r.below(50) == 0 {
-                r.next()
-            } else {
-                prev_conn
-            },
-            skaddr: r.below(16),
-            task: owner_task,
-            local: sockaddr(&mut r),
-            remote: sockaddr(&mut r),
-            old,
-            new,
-            starts_conn: r.below(4) == 0,
-            midlife: r.below(8) == 0,
-            cpu: 0,
-            owner: if r.below(10) == 0 {
-                Some(owner_task)
-            } else {
-                None
-            },
-            meta: Default::default(),
-            kind: Default::default(),
-        };
+        let mut t = drawn(&mut r, ts, conn_id, pid, old, new, Default::default());
+        t.owner = (r.below(10) == 0).then_some(t.task);
         e.on_transition(&t, &mut out);
         if i % 97 == 0 {
             e.tick(ts.wrapping_add(r.below(1 << 36)), &mut out);
@@ -430,27 +442,10 @@ fn rules_skipped_by_their_interest_would_have_done_nothing() {
         } else {
             (old, old)
         };
-        let task = Task {
-            pid: r.below(3) as u32,
-            tid: 1,
-            comm: Comm::new("p"),
-        };
-        let t = Transition {
-            ts_ns: ts,
-            conn_id: r.below(96),
-            skaddr: r.below(16),
-            task,
-            local: sockaddr(&mut r),
-            remote: sockaddr(&mut r),
-            old,
-            new,
-            starts_conn: r.below(4) == 0,
-            midlife: r.below(8) == 0,
-            cpu: 0,
-            owner: (r.below(3) != 0).then_some(task),
-            meta: Default::default(),
-            kind,
-        };
+        let pid = r.below(3) as u32;
+        let conn_id = r.below(96);
+        let mut t = drawn(&mut r, ts, conn_id, pid, old, new, kind);
+        t.owner = (r.below(3) != 0).then_some(t.task);
         filtered.on_transition(&t, &mut a);
         all.on_transition(&t, &mut b);
         if i % 50 == 0 {

@@ -111,8 +111,8 @@ pub fn default_rules(cfg: &RulesConfig) -> Vec<Box<dyn Rule>> {
 
 /// The events a rule reacts to, so that the engine calls it only for those: a rule is
 /// called for an event that matches any part (`engine::Dispatch` turns every rule's
-/// interest into lookup tables, one lookup per event for all rules). Each is a superset of what the rule's
-/// `on_transition` does anything with (a test feeds every rule every kind of event both
+/// interest into lookup tables, one lookup per event for all rules). Each is a superset of
+/// what the rule's `on_transition` does anything with (a test feeds every rule every kind of event both
 /// ways and compares); most rules care about 1 or 2 of a connection's 10 transitions, and
 /// calling all nine for every event was a fifth of a replay's instructions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,19 +163,26 @@ impl Interest {
         }
     }
 
+    /// Events entering or leaving `s`.
+    pub const fn passing(s: TcpState) -> Interest {
+        Interest {
+            new: bits(&[s]),
+            left: bits(&[s]),
+            ..Interest::NONE
+        }
+    }
+
     /// Events entering or leaving `s`, and accepts and handoffs (they move a socket
     /// between owners without a state change).
     pub const fn in_state(s: TcpState) -> Interest {
         Interest {
-            new: bits(&[s]),
-            left: bits(&[s]),
             kinds: 1 << EventKind::Accept as u8 | 1 << EventKind::Handoff as u8,
-            ..Interest::NONE
+            ..Interest::passing(s)
         }
     }
 }
 
-pub(crate) const fn bits(states: &[TcpState]) -> u16 {
+const fn bits(states: &[TcpState]) -> u16 {
     let mut b = 0;
     let mut i = 0;
     while i < states.len() {

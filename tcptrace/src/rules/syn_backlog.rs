@@ -1,6 +1,6 @@
 //! syn_backlog: accepted children piling up in SYN_RECV per listener (half-open build-up).
 
-use super::{Alert, AlertStatus, Interest, Rule, RuleEvent, RulesConfig, bits, text};
+use super::{Alert, AlertStatus, Interest, Rule, RuleEvent, RulesConfig, text};
 use crate::engine::FastMap;
 use crate::engine::IdMap;
 use crate::event::{Task, TcpState};
@@ -115,11 +115,7 @@ impl Rule for SynBacklog {
          a threshold (default 100); resolves below half of it."
     }
     fn interest(&self) -> Interest {
-        Interest {
-            new: bits(&[TcpState::SynRecv]),
-            left: bits(&[TcpState::SynRecv]),
-            ..Interest::NONE
-        }
+        Interest::passing(TcpState::SynRecv)
     }
     fn on_transition(&mut self, ev: &RuleEvent<'_>, out: &mut Vec<Alert>) {
         let s = TcpState::SynRecv;
